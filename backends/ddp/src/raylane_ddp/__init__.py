@@ -1,0 +1,62 @@
+"""raylane's ``ddp`` backend: hook implementations only. The strategy class is imported when it is first used."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from raylane import hookimpl
+
+if TYPE_CHECKING:
+    from raylane import WorkerContext
+
+    from raylane_ddp.strategy import RayDDPStrategy
+
+# Passed through to torch's DistributedDataParallel (and Lightning's DDPStrategy for the comm-hook ones).
+DDP_OPTIONS: Mapping[str, str] = {
+    "find_unused_parameters": "DDP: allow parameters that get no gradient in a step",
+    "static_graph": "DDP: the graph is the same every step (enables optimisations)",
+    "gradient_as_bucket_view": "DDP: gradients are views into the allreduce buckets (saves memory)",
+    "bucket_cap_mb": "DDP: allreduce bucket size in MiB",
+    "broadcast_buffers": "DDP: broadcast module buffers from rank 0 every forward",
+    "ddp_comm_hook": "Lightning DDPStrategy: a DDP communication hook",
+    "ddp_comm_state": "Lightning DDPStrategy: state for the communication hook",
+    "ddp_comm_wrapper": "Lightning DDPStrategy: wrapper for the communication hook (e.g. fp16 compression)",
+    "model_averaging_period": "Lightning DDPStrategy: period for post-local SGD model averaging",
+}
+
+
+@hookimpl
+def raylane_strategy_class() -> type[RayDDPStrategy]:
+    from raylane_ddp.strategy import RayDDPStrategy
+
+    return RayDDPStrategy
+
+
+@hookimpl
+def raylane_backend_options() -> Mapping[str, str]:
+    return DDP_OPTIONS
+
+
+@hookimpl
+def raylane_setup_process_group(context: WorkerContext) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a previous entry point in this process failed before its teardown
+        dist.destroy_process_group()
+    dist.init_process_group(
+        backend="nccl" if context.uses_gpu else "gloo",
+        init_method=context.init_method,
+        rank=context.global_rank,
+        world_size=context.world_size,
+        timeout=timedelta(seconds=context.options.collective_timeout),
+    )
+
+
+@hookimpl
+def raylane_teardown_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

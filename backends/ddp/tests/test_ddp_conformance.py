@@ -1,0 +1,5 @@
+from raylane.testing import BackendConformance
+
+
+class TestDDPConformance(BackendConformance):
+    backend = "ddp"

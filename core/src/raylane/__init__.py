@@ -1,0 +1,42 @@
+"""raylane: distributed PyTorch Lightning training on Ray actors, with pluggable backends.
+
+``pl.Trainer(strategy=get_strategy("ddp", workers=4))`` runs the Trainer's entry points on four Ray actors and brings
+the trained weights, metrics and checkpoints back to this process.
+"""
+
+from raylane.api import get_strategy, register_with_lightning
+from raylane.context import WorkerContext
+from raylane.errors import (
+    BackendConflictError,
+    BackendLoadError,
+    BackendNotFoundError,
+    ConfigurationError,
+    RaylaneError,
+    ResourceError,
+    SerializationError,
+    WorkerError,
+)
+from raylane.hookspecs import hookimpl
+from raylane.options import LaunchOptions
+from raylane.registry import BackendInfo, list_backends
+
+__all__ = [
+    "BackendConflictError",
+    "BackendInfo",
+    "BackendLoadError",
+    "BackendNotFoundError",
+    "ConfigurationError",
+    "LaunchOptions",
+    "RaylaneError",
+    "ResourceError",
+    "SerializationError",
+    "WorkerContext",
+    "WorkerError",
+    "get_strategy",
+    "hookimpl",
+    "list_backends",
+]
+
+__version__ = "0.1.0"
+
+register_with_lightning()

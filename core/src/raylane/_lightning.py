@@ -1,0 +1,51 @@
+"""Every use of Lightning's private API in raylane, and nowhere else.
+
+Lightning has no public way to replace how a strategy starts its processes, so the launcher plugs into the private
+``_Launcher`` interface and ``Strategy._configure_launcher``. ``tests/test_lightning_contract.py`` checks each name used
+here against the installed Lightning, so a release that changes one fails that test by name instead of breaking users.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pytorch_lightning.strategies.launchers.launcher import _Launcher
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+Launcher = _Launcher
+"""Base class of a strategy's process launcher: ``launch(function, *args, trainer=..., **kwargs)`` and ``kill``."""
+
+
+class LauncherSlot:
+    """Mixin for a Lightning strategy: installs the launcher ``make_launcher()`` returns.
+
+    Lightning's accelerator connector calls ``_configure_launcher`` once the strategy is fully set up, then hands each
+    entry point (fit, validate, test, predict) to ``strategy.launcher.launch``.
+    """
+
+    _launcher: Any
+
+    def make_launcher(self) -> _Launcher:
+        raise NotImplementedError
+
+    def _configure_launcher(self) -> None:
+        self._launcher = self.make_launcher()
+
+
+def predict_batch_indices(trainer: pl.Trainer) -> list[list[list[int]]]:
+    """Dataset indices of every batch this process predicted, per dataloader.
+
+    Lightning wraps predict dataloaders' batch samplers to record the indices they yield.
+    """
+    dataloaders = trainer.predict_dataloaders
+    if isinstance(dataloaders, dict):
+        dataloaders = list(dataloaders.values())
+    elif not isinstance(dataloaders, (list, tuple)):
+        dataloaders = [] if dataloaders is None else [dataloaders]
+    indices = []
+    for dataloader in dataloaders:
+        batch_sampler = getattr(dataloader, "batch_sampler", None)
+        indices.append([list(batch) for batch in getattr(batch_sampler, "seen_batch_indices", [])])
+    return indices

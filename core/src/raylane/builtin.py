@@ -1,0 +1,44 @@
+"""The core's default hook implementations. Registered like any backend, and run after the backend's own."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from raylane import environment, topology
+from raylane.context import WorkerContext
+from raylane.hookspecs import hookimpl
+from raylane.options import LaunchOptions
+
+
+@hookimpl(trylast=True)
+def raylane_placement_bundles(options: LaunchOptions) -> list[dict[str, float]]:
+    return [options.worker_resources() for _ in range(options.workers)]
+
+
+@hookimpl
+def raylane_worker_actor_options(options: LaunchOptions) -> dict[str, Any]:
+    resources = options.worker_resources()
+    actor_options: dict[str, Any] = {
+        "num_cpus": resources.pop("CPU", 0),
+        "num_gpus": resources.pop("GPU", 0),
+        "resources": resources,
+        # Threaded: one thread runs the entry point, another answers the driver's metric-relay polls.
+        "max_concurrency": 2,
+    }
+    if options.runtime_env is not None:
+        actor_options["runtime_env"] = dict(options.runtime_env)
+    return actor_options
+
+
+@hookimpl(trylast=True)
+def raylane_assign_devices(
+    placements: Sequence[topology.WorkerPlacement], options: LaunchOptions
+) -> list[topology.DeviceAssignment]:
+    return topology.assign_devices(placements, use_gpu=options.use_gpu)
+
+
+@hookimpl
+def raylane_worker_env(context: WorkerContext) -> Mapping[str, str]:
+    return {**environment.forwarded_env(os.environ), **context.options.env, **environment.rank_env(context)}

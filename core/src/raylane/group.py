@@ -1,0 +1,163 @@
+"""A set of worker actors in one placement group: started together, watched together, released together.
+
+Any worker that raises or dies fails the whole group at once: the others may be blocked in a collective that will
+never complete, so every actor is killed and the placement group released before the error reaches the caller.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from raylane import placement
+from raylane.context import WorkerContext
+from raylane.errors import WorkerError
+from raylane.host import BackendHost
+from raylane.options import LaunchOptions
+from raylane.results import WorkerOutput
+from raylane.topology import assign_ranks
+from raylane.worker import Worker
+
+log = logging.getLogger(__name__)
+
+RELAY_POLL_S = 0.5
+
+MessageHandler = Callable[[str, Any], None]
+
+
+class WorkerGroup:
+    """The actors of one run. Use :meth:`start` and always :meth:`shutdown` (it is a context manager)."""
+
+    def __init__(
+        self, host: BackendHost, options: LaunchOptions, backend_options: Mapping[str, Any] | None = None
+    ) -> None:
+        self.host = host
+        self.options = options
+        self.backend_options = dict(backend_options or {})
+        self.run_id = uuid.uuid4().hex[:8]
+        self.placement_group: PlacementGroup | None = None
+        self.actors: list[ray.actor.ActorHandle] = []
+        self.contexts: list[WorkerContext] = []
+
+    def __enter__(self) -> WorkerGroup:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
+
+    def start(self) -> WorkerGroup:
+        """Reserve resources, start the actors and work out every worker's ranks, device and environment."""
+        bundles = self.host.placement_bundles(self.options)
+        if len(bundles) != self.options.workers:
+            raise ValueError(
+                f"backend {self.host.backend!r} returned {len(bundles)} bundles for {self.options.workers} workers"
+            )
+        self.placement_group = placement.reserve(
+            bundles, self.options.placement_strategy, self.options.resource_timeout, f"raylane-{self.run_id}"
+        )
+        worker_class = ray.remote(Worker)
+        for index in range(self.options.workers):
+            actor_options = self.host.worker_actor_options(self.options, index)
+            actor_options.update(
+                name=f"raylane:{self.host.backend}:{self.run_id}:rank-{index}",
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.placement_group, placement_group_bundle_index=index
+                ),
+            )
+            self.actors.append(worker_class.options(**actor_options).remote())
+        placements = self._gather([actor.describe.remote() for actor in self.actors])
+        master_port = self._gather([self.actors[0].free_port.remote()])[0]
+        self.contexts = self._contexts(placements, master_port)
+        return self
+
+    def _contexts(self, placements: Sequence[Any], master_port: int) -> list[WorkerContext]:
+        ranks = assign_ranks(placements)
+        devices = self.host.assign_devices(placements, self.options)
+        driver_node_id = ray.get_runtime_context().get_node_id()
+        driver_sys_path = tuple(os.path.abspath(p or os.curdir) for p in sys.path)
+        contexts = []
+        for placement_, rank, device in zip(placements, ranks, devices):
+            context = WorkerContext(
+                backend=self.host.backend,
+                options=self.options,
+                placement=placement_,
+                ranks=rank,
+                devices=device,
+                master_addr=placements[0].node_ip,
+                master_port=master_port,
+                driver_node_id=driver_node_id,
+                driver_sys_path=driver_sys_path,
+                backend_options=self.backend_options,
+            )
+            contexts.append(replace(context, env=self.host.worker_env(context)))
+        return contexts
+
+    def run(self, payload: ray.ObjectRef, on_message: MessageHandler | None = None) -> list[WorkerOutput]:
+        """Run the payload on every worker; return their outputs in rank order, or raise the first failure."""
+        refs = [actor.run.remote(context, [payload]) for actor, context in zip(self.actors, self.contexts)]
+        outputs = self._gather(refs, on_message)
+        return sorted(outputs, key=lambda output: output.rank)
+
+    def _gather(self, refs: list[ray.ObjectRef], on_message: MessageHandler | None = None) -> list[Any]:
+        """``ray.get`` that fails as soon as any one ref fails, relaying rank 0's messages while it waits."""
+        rank_of = {ref: index for index, ref in enumerate(refs)}
+        results: dict[int, Any] = {}
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=RELAY_POLL_S)
+            for ref in ready:
+                try:
+                    results[rank_of[ref]] = ray.get(ref)
+                except (RayTaskError, RayActorError) as err:
+                    raise self._worker_error(rank_of[ref], err) from err
+            if on_message is not None:
+                self._relay(on_message)
+        if on_message is not None:
+            self._relay(on_message)
+        return [results[index] for index in range(len(refs))]
+
+    def _relay(self, on_message: MessageHandler) -> None:
+        try:
+            messages = ray.get(self.actors[0].drain_relay.remote(), timeout=30)
+        except (RayActorError, ray.exceptions.GetTimeoutError):
+            return  # rank 0 is gone; its run() ref reports why
+        for topic, payload in messages:
+            on_message(topic, payload)
+
+    def _worker_error(self, rank: int, err: Exception) -> WorkerError:
+        context = self.contexts[rank] if rank < len(self.contexts) else None
+        node_ip = context.placement.node_ip if context else "unknown"
+        node_id = context.placement.node_id if context else "unknown"
+        what = "died" if isinstance(err, RayActorError) else "raised"
+        self.shutdown()
+        return WorkerError(
+            f"raylane worker rank {rank} on node {node_ip} (node id {node_id[:12]}) {what}; all workers were "
+            f"stopped and their resources released.\n{err}",
+            rank=rank,
+            node_ip=node_ip,
+            node_id=node_id,
+        )
+
+    def pids(self) -> list[int]:
+        return list(ray.get([actor.pid.remote() for actor in self.actors]))
+
+    def shutdown(self) -> None:
+        """Kill every actor and release the placement group. Safe to call more than once."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception:  # already dead
+                log.debug("actor already gone", exc_info=True)
+        self.actors = []
+        placement.release(self.placement_group)
+        self.placement_group = None

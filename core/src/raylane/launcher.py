@@ -1,0 +1,126 @@
+"""Lightning's side of a raylane run: hand one entry point to the workers, bring the results back to the Trainer."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import ray
+from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.trainer.states import TrainerFn
+
+from raylane import _lightning
+from raylane.errors import ConfigurationError
+from raylane.group import WorkerGroup
+from raylane.payload import GlobalTorchState, LaunchPayload, put_payload
+from raylane.predictions import merge_predictions
+from raylane.registry import backend_host
+from raylane.results import apply_output
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from raylane.strategy import RayStrategyMixin
+
+log = logging.getLogger(__name__)
+
+
+class RayLauncher(_lightning.Launcher):
+    """Runs each Trainer entry point (fit, validate, test, predict) on a fresh group of Ray worker actors."""
+
+    def __init__(self, strategy: RayStrategyMixin) -> None:
+        self._strategy = strategy
+        self._group: WorkerGroup | None = None
+
+    @property
+    def is_interactive_compatible(self) -> bool:
+        return True  # nothing is forked; notebooks work
+
+    def launch(self, function: Callable[..., Any], *args: Any, trainer: pl.Trainer | None = None, **kwargs: Any) -> Any:
+        if trainer is None:
+            raise ConfigurationError("raylane runs Trainer entry points only; call trainer.fit/validate/test/predict.")
+        options = self._strategy.launch_options
+        check_trainer_flags(trainer, options.workers)
+        ensure_ray(options.workers * options.cpus_per_worker)
+        host = backend_host(self._strategy.backend_name)
+        _fix_logger_versions(trainer)
+        payload = put_payload(LaunchPayload(trainer, function, args, kwargs, GlobalTorchState.capture()))
+        self._group = WorkerGroup(host, options, self._strategy.backend_options)
+        try:
+            self._group.start()
+            _log_start(self._group)
+            outputs = self._group.run(payload, lambda topic, data: host.relay_metrics(trainer, topic, data))
+        finally:
+            self._group.shutdown()
+            self._group = None
+        rank_zero = outputs[0].rank_zero
+        assert rank_zero is not None, "rank 0 always reports the trainer state"
+        apply_output(trainer, rank_zero, host)
+        if trainer.state.fn == TrainerFn.PREDICTING and outputs[0].predictions is not None:
+            return merge_predictions([o.predictions or [] for o in outputs], [o.batch_indices or [] for o in outputs])
+        return rank_zero.results
+
+    def kill(self, signum: Any) -> None:
+        """Ctrl-C or SIGTERM on the driver: stop every worker and release their resources."""
+        if self._group is not None:
+            self._group.shutdown()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The launcher travels inside the pickled Trainer; actor handles and the placement group stay on the driver.
+        return {**self.__dict__, "_group": None}
+
+
+def check_trainer_flags(trainer: pl.Trainer, workers: int) -> None:
+    """Reject Trainer flags that contradict ``workers=``: with raylane, Ray decides processes and placement."""
+    if trainer.num_nodes != 1:
+        raise ConfigurationError(
+            f"Trainer(num_nodes={trainer.num_nodes}) contradicts raylane, where Ray places the {workers} workers on "
+            "nodes itself. Remove num_nodes and set workers= to the total number of processes."
+        )
+    # On a CPU driver devices="auto" means 1, so any other count was asked for. (A GPU driver's "auto" is its GPU
+    # count, indistinguishable from an explicit one, so it is not checked there.)
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices not in (1, workers):
+        raise ConfigurationError(
+            f"Trainer(devices={trainer.num_devices}) contradicts get_strategy(workers={workers}). "
+            "With raylane, workers= sets the number of processes; remove devices= from the Trainer."
+        )
+
+
+def ensure_ray(cpus_needed: float) -> None:
+    """Connect to Ray, starting a local instance when none is running (the laptop case).
+
+    A local instance gets at least the CPUs the workers ask for, so ``workers=4`` runs on a 2-core laptop
+    (oversubscribed) instead of waiting forever. On a cluster (``RAY_ADDRESS`` set or ``ray.init`` called) nothing is
+    started.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    cpus = max(os.cpu_count() or 1, int(-(-cpus_needed // 1)))
+    log.info("raylane: starting a local Ray instance with %d CPUs", cpus)
+    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+
+
+def _fix_logger_versions(trainer: pl.Trainer) -> None:
+    # Resolve each logger's version here, so rank 0 writes to the directory trainer.logger.log_dir shows on the driver.
+    for logger in trainer.loggers:
+        _ = logger.version
+
+
+def _log_start(group: WorkerGroup) -> None:
+    options = group.options
+    nodes = {context.placement.node_id for context in group.contexts}
+    devices = ", ".join(sorted({context.device for context in group.contexts}))
+    log.info(
+        "raylane: backend %s on %d worker(s) across %d node(s); %g CPU and %g GPU per worker; devices %s",
+        group.host.backend,
+        options.workers,
+        len(nodes),
+        options.cpus_per_worker,
+        options.gpus,
+        devices,
+    )

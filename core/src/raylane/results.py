@@ -1,0 +1,123 @@
+"""What comes back from the workers, and how the driver's Trainer and LightningModule take it in.
+
+Beyond Lightning's spawn launcher: the driver also gets the loop progress (``current_epoch``, ``global_step``), every
+callback's state (ModelCheckpoint's best paths and scores), the checkpoint files themselves when rank 0 ran on another
+node, and predictions from every rank.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lightning_utilities.core.apply_func import apply_to_collection
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn, TrainerState
+from torch import Tensor
+
+from raylane import _lightning
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+    from raylane.context import WorkerContext
+    from raylane.host import BackendHost
+
+
+@dataclass
+class RankZeroOutput:
+    """The Trainer state only rank 0 sends back."""
+
+    trainer_state: TrainerState
+    results: Any
+    state_dict: dict[str, Tensor] | None
+    callback_metrics: dict[str, Any]
+    logged_metrics: dict[str, Any]
+    progress_bar_metrics: dict[str, Any]
+    fit_loop_state: dict[str, Any] | None
+    callback_states: dict[str, dict[str, Any]]
+    checkpoint_files: dict[str, bytes]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class WorkerOutput:
+    """One worker's return value from an entry point."""
+
+    rank: int
+    predictions: list[list[Any]] | None = None
+    batch_indices: list[list[list[int]]] | None = None
+    rank_zero: RankZeroOutput | None = None
+
+
+def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, host: BackendHost) -> WorkerOutput:
+    """Run on every worker after the entry point; rank 0 includes the Trainer's state."""
+    fn = trainer.state.fn
+    # Every rank computes the state dict: torchmetrics may synchronise across ranks inside it.
+    state_dict = _to_cpu(trainer.lightning_module.state_dict()) if fn == TrainerFn.FITTING else None
+    output = WorkerOutput(rank=context.global_rank)
+    if fn == TrainerFn.PREDICTING and results is not None:
+        output.predictions = _per_dataloader(_to_cpu(results), len(_lightning.predict_batch_indices(trainer)))
+        output.batch_indices = _lightning.predict_batch_indices(trainer)
+        results = None
+    if context.global_rank != 0:
+        return output
+    output.rank_zero = RankZeroOutput(
+        trainer_state=trainer.state,
+        results=_to_cpu(results),
+        state_dict=state_dict,
+        callback_metrics=_to_cpu(dict(trainer.callback_metrics)),
+        logged_metrics=_to_cpu(dict(trainer.logged_metrics)),
+        progress_bar_metrics=_to_cpu(dict(trainer.progress_bar_metrics)),
+        fit_loop_state=trainer.fit_loop.state_dict() if fn == TrainerFn.FITTING else None,
+        callback_states={cb.state_key: _to_cpu(cb.state_dict()) for cb in trainer.callbacks if cb.state_dict()},
+        checkpoint_files=_checkpoint_files(trainer) if context.placement.node_id != context.driver_node_id else {},
+        extras=host.collect_results(trainer, context),
+    )
+    return output
+
+
+def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost) -> None:
+    """Make the driver's Trainer and LightningModule look as if the entry point had run in this process."""
+    if output.state_dict is not None:
+        # Not strict, as Lightning's spawn launcher: configure_model may add layers only the workers built.
+        trainer.lightning_module.load_state_dict(output.state_dict, strict=False)
+    trainer.state = output.trainer_state
+    trainer.callback_metrics.update(output.callback_metrics)
+    trainer.logged_metrics.update(output.logged_metrics)
+    trainer.progress_bar_metrics.update(output.progress_bar_metrics)
+    if output.fit_loop_state is not None:
+        trainer.fit_loop.load_state_dict(output.fit_loop_state)
+    for name, content in output.checkpoint_files.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_bytes(content)
+    for callback in trainer.callbacks:
+        state = output.callback_states.get(callback.state_key)
+        if state is None:
+            continue
+        if isinstance(callback, ModelCheckpoint):
+            # The directory is resolved inside the worker; adopt it so the full state (best scores) loads.
+            callback.dirpath = state.get("dirpath", callback.dirpath)
+        callback.load_state_dict(state)
+    host.apply_results(trainer, output.extras)
+
+
+def _checkpoint_files(trainer: pl.Trainer) -> dict[str, bytes]:
+    """Bytes of the checkpoints rank 0 wrote, for a driver on another node (no shared filesystem assumed)."""
+    paths: set[str] = set()
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint):
+            paths.update(str(p) for p in (callback.best_model_path, callback.last_model_path) if p)
+            paths.update(str(p) for p in callback.best_k_models)
+    return {os.path.abspath(path): Path(path).read_bytes() for path in sorted(paths) if os.path.isfile(path)}
+
+
+def _per_dataloader(predictions: list[Any], num_dataloaders: int) -> list[list[Any]]:
+    # Lightning returns a flat list for one dataloader and a list per dataloader otherwise.
+    return [predictions] if num_dataloaders <= 1 else list(predictions)
+
+
+def _to_cpu(data: Any) -> Any:
+    return apply_to_collection(data, Tensor, lambda tensor: tensor.detach().cpu())

@@ -1,0 +1,15 @@
+"""Test helpers for raylane backends: the conformance suite, small models, and Ray state checks."""
+
+from raylane.testing.conformance import BackendConformance
+from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader
+from raylane.testing.ray_state import assert_released, ensure_local_ray
+
+__all__ = [
+    "BackendConformance",
+    "ClassifierModel",
+    "ReferenceSampler",
+    "assert_released",
+    "ensure_local_ray",
+    "make_dataset",
+    "make_loader",
+]

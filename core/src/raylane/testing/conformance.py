@@ -1,0 +1,211 @@
+"""The conformance suite every raylane backend passes. Subclass it in the backend's tests::
+
+    from raylane.testing import BackendConformance
+
+    class TestMyBackend(BackendConformance):
+        backend = "mine"
+
+Everything runs for real: a local Ray, real Lightning, real worker processes, real failures.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+import pytorch_lightning as pl
+import ray
+import torch
+from torch.utils.data import DataLoader
+
+from raylane import ConfigurationError, ResourceError, SerializationError, WorkerError, get_strategy
+from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader
+from raylane.testing.ray_state import assert_released, ensure_local_ray
+
+
+class UnpicklableModel(ClassifierModel):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+
+class BackendConformance:
+    """What every backend must do. Set ``backend``; override ``backend_options`` for options the backend needs."""
+
+    backend: ClassVar[str]
+    backend_options: ClassVar[dict[str, Any]] = {}
+    workers: ClassVar[int] = 2
+    # Float tolerance for "same weights as one process": allreduce sums in a different order.
+    weight_tolerance: ClassVar[float] = 1e-6
+
+    @pytest.fixture(autouse=True)
+    def _ray(self) -> None:
+        ensure_local_ray()
+
+    def strategy(self, **options: Any) -> pl.strategies.Strategy:
+        return get_strategy(self.backend, **{"workers": self.workers, **self.backend_options, **options})
+
+    def trainer(self, root: Path, strategy: pl.strategies.Strategy | None = None, **flags: Any) -> pl.Trainer:
+        defaults: dict[str, Any] = {
+            "max_epochs": 2,
+            "default_root_dir": str(root),
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
+        }
+        return pl.Trainer(strategy=strategy or self.strategy(), **{**defaults, **flags})
+
+    # -- results come back to the driver ---------------------------------------------------------------------------
+
+    def test_fit_brings_back_weights_progress_and_checkpoint(self, tmp_path: Path) -> None:
+        model = ClassifierModel()
+        initial = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer = self.trainer(tmp_path)
+        trainer.fit(model, make_loader(8), make_loader(8))
+
+        assert trainer.state.finished and trainer.state.fn == "fit"
+        assert trainer.current_epoch == 2
+        assert trainer.global_step == 2 * 64 // (8 * self.workers)
+        assert {"train_loss", "val_loss"} <= set(trainer.callback_metrics)
+        assert not torch.equal(initial["layer.weight"], model.layer.weight)
+        best = Path(trainer.checkpoint_callback.best_model_path)
+        assert best.is_file(), "the checkpoint rank 0 wrote must be readable on the driver"
+        saved = torch.load(best, weights_only=False)["state_dict"]
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(saved[name], value)
+        assert saved["layer.weight"].shape == initial["layer.weight"].shape
+
+    def test_validate_and_test_return_rank_zero_metrics(self, tmp_path: Path) -> None:
+        model = ClassifierModel()
+        trainer = self.trainer(tmp_path)
+        [validated] = trainer.validate(model, make_loader(8))
+        assert validated["val_loss"] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+        [tested] = trainer.test(model, make_loader(8))
+        assert tested["test_loss"] == pytest.approx(float(trainer.callback_metrics["test_loss"]))
+        assert trainer.state.fn == "test" and trainer.state.finished
+
+    def test_predict_returns_every_rank_in_dataset_order(self, tmp_path: Path) -> None:
+        model = ClassifierModel()
+        dataset = make_dataset(samples=61)  # uneven: the ranks get different numbers of samples
+        predictions = self.trainer(tmp_path).predict(model, DataLoader(dataset, batch_size=8))
+        with torch.no_grad():
+            expected = [model(inputs) for inputs, _ in DataLoader(dataset, batch_size=8)]
+        assert [p.shape for p in predictions] == [e.shape for e in expected]
+        torch.testing.assert_close(torch.cat(predictions), torch.cat(expected))
+
+    # -- ranks, sampler, initial weights ---------------------------------------------------------------------------
+
+    def test_ranks_sampler_and_initial_weights(self, tmp_path: Path) -> None:
+        model = ClassifierModel(report_dir=str(tmp_path))
+        self.trainer(tmp_path, max_epochs=1).fit(model, make_loader(8))
+        reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("fit-rank*.json"))]
+        assert sorted(r["global_rank"] for r in reports) == list(range(self.workers))
+        for report in reports:
+            assert report["world_size"] == self.workers
+            assert report["env_rank"] == str(report["global_rank"])
+            assert report["sampler_replicas"] == self.workers
+            assert report["sampler_rank"] == report["global_rank"]
+        assert len({r["pid"] for r in reports}) == self.workers, "each rank is its own process"
+        assert len({r["initial_weight_sum"] for r in reports}) == 1, "every rank starts from the same weights"
+
+    def test_same_weights_as_one_process_with_the_union_batch(self, tmp_path: Path) -> None:
+        for optimizer in ("sgd", "adam"):
+            torch.manual_seed(7)
+            distributed = ClassifierModel(optimizer=optimizer)
+            single = ClassifierModel(optimizer=optimizer)
+            single.load_state_dict(distributed.state_dict())
+            dataset = make_dataset(samples=128)
+            self.trainer(tmp_path, max_epochs=2, enable_checkpointing=False).fit(
+                distributed, DataLoader(dataset, batch_size=16)
+            )
+            reference = pl.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_epochs=2,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                enable_checkpointing=False,
+                logger=False,
+            )
+            reference.fit(single, DataLoader(dataset, batch_size=16 * self.workers, sampler=ReferenceSampler(128)))
+            for name, value in single.state_dict().items():
+                torch.testing.assert_close(distributed.state_dict()[name], value, atol=self.weight_tolerance, rtol=0)
+
+    # -- bad input fails before any actor starts -------------------------------------------------------------------
+
+    @pytest.mark.parametrize("workers", [0, -1, 1.5, "2", True])
+    def test_invalid_workers_rejected(self, workers: object) -> None:
+        with pytest.raises(ConfigurationError, match="workers"):
+            get_strategy(self.backend, workers=workers)
+
+    def test_unknown_option_lists_valid_ones(self) -> None:
+        with pytest.raises(ConfigurationError, match="cpus_per_worker") as info:
+            get_strategy(self.backend, workers=2, cpu_per_worker=1)
+        assert "cpu_per_worker" in str(info.value)
+
+    @pytest.mark.parametrize(
+        ("options", "message"),
+        [
+            ({"cpus_per_worker": -1}, "cpus_per_worker"),
+            ({"resources_per_worker": {"custom": -2}}, "custom"),
+            ({"gpus_per_worker": 0.5}, "use_gpu"),
+            ({"placement_strategy": "PACKED"}, "PACK, SPREAD"),
+        ],
+    )
+    def test_invalid_resources_rejected(self, options: dict[str, Any], message: str) -> None:
+        with pytest.raises(ConfigurationError, match=message):
+            self.strategy(**options)
+
+    def test_more_than_the_cluster_holds_fails_fast(self, tmp_path: Path) -> None:
+        trainer = self.trainer(tmp_path, strategy=self.strategy(cpus_per_worker=10_000))
+        started = time.monotonic()
+        with pytest.raises(ResourceError, match="Asked for"):
+            trainer.fit(ClassifierModel(), make_loader(8))
+        assert time.monotonic() - started < 20
+        assert_released()
+
+    def test_gpu_on_a_cluster_without_gpus_shows_resources(self, tmp_path: Path) -> None:
+        if ray.cluster_resources().get("GPU"):
+            pytest.skip("this cluster has GPUs")
+        trainer = self.trainer(tmp_path, strategy=self.strategy(use_gpu=True))
+        with pytest.raises(ResourceError, match="no GPU"):
+            trainer.fit(ClassifierModel(), make_loader(8))
+
+    def test_trainer_devices_contradicting_workers_rejected(self, tmp_path: Path) -> None:
+        trainer = self.trainer(tmp_path, accelerator="cpu", devices=self.workers + 1)
+        with pytest.raises(ConfigurationError, match="devices"):
+            trainer.fit(ClassifierModel(), make_loader(8))
+
+    def test_unpicklable_model_names_the_attribute(self, tmp_path: Path) -> None:
+        with pytest.raises(SerializationError, match=r"model\.lock"):
+            self.trainer(tmp_path).fit(UnpicklableModel(), make_loader(8))
+        assert_released()
+
+    # -- failures never hang and leave nothing behind --------------------------------------------------------------
+
+    def test_worker_exception_reaches_driver_with_rank(self, tmp_path: Path) -> None:
+        failing_rank = self.workers - 1
+        model = ClassifierModel(fail_on_rank=failing_rank, fail_at_step=1)
+        with pytest.raises(WorkerError, match="injected failure") as info:
+            self.trainer(tmp_path).fit(model, make_loader(8))
+        assert info.value.rank == failing_rank
+        assert f"rank {failing_rank}" in str(info.value)
+        assert_released()
+
+    def test_killed_worker_reaches_driver_quickly(self, tmp_path: Path) -> None:
+        model = ClassifierModel(fail_on_rank=self.workers - 1, fail_at_step=1, fail_mode="kill")
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="died") as info:
+            self.trainer(tmp_path).fit(model, make_loader(8))
+        assert time.monotonic() - started < 60
+        assert info.value.rank == self.workers - 1
+        assert_released()
+
+    def test_lightning_strategy_name_resolves(self) -> None:
+        trainer = pl.Trainer(strategy=f"ray_{self.backend}", logger=False, enable_progress_bar=False)
+        assert type(trainer.strategy) is type(self.strategy())
+        assert trainer.strategy.launch_options.workers == 2  # type: ignore[attr-defined]

@@ -1,0 +1,139 @@
+"""Small deterministic models and data for backend tests. Importable on workers (they live in an installed package)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+
+def make_dataset(samples: int = 64, features: int = 8, classes: int = 3, seed: int = 0) -> TensorDataset:
+    """A fixed random classification problem."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(samples, features, generator=generator)
+    targets = torch.randint(0, classes, (samples,), generator=generator)
+    return TensorDataset(inputs, targets)
+
+
+def make_loader(batch_size: int = 8, samples: int = 64, **kwargs: Any) -> DataLoader:
+    return DataLoader(make_dataset(samples), batch_size=batch_size, **kwargs)
+
+
+class ClassifierModel(pl.LightningModule):
+    """A linear classifier that logs what the conformance suite checks.
+
+    ``report_dir``: every rank writes what it saw (ranks, sampler, initial weights, node, the ``report_env``
+    variables) there as JSON.
+    ``fail_on_rank`` / ``fail_at_step`` / ``fail_mode``: make one rank raise or kill its own process.
+    """
+
+    def __init__(
+        self,
+        features: int = 8,
+        classes: int = 3,
+        lr: float = 0.1,
+        optimizer: str = "sgd",
+        report_dir: str | None = None,
+        report_env: tuple[str, ...] = (),
+        fail_on_rank: int | None = None,
+        fail_at_step: int = 0,
+        fail_mode: str = "raise",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.layer = nn.Linear(features, classes)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(inputs)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        inputs, targets = batch
+        return nn.functional.cross_entropy(self(inputs), targets)
+
+    def on_train_start(self) -> None:
+        if self.hparams.report_dir is not None:
+            sampler = getattr(self.trainer.train_dataloader, "sampler", None)
+            self._report(
+                "fit",
+                {
+                    "global_rank": self.global_rank,
+                    "local_rank": self.local_rank,
+                    "node_rank": self.trainer.node_rank,
+                    "world_size": self.trainer.world_size,
+                    "env_rank": os.environ.get("RANK"),
+                    "sampler_replicas": getattr(sampler, "num_replicas", None),
+                    "sampler_rank": getattr(sampler, "rank", None),
+                    "initial_weight_sum": float(self.layer.weight.double().sum()),
+                    "device": str(self.device),
+                    "pid": os.getpid(),
+                    "node_id": _ray_node_id(),
+                    "env": {name: os.environ.get(name) for name in self.hparams.report_env},
+                },
+            )
+
+    def _report(self, stage: str, data: dict[str, Any]) -> None:
+        assert self.hparams.report_dir is not None
+        path = Path(self.hparams.report_dir) / f"{stage}-rank{self.global_rank}.json"
+        path.write_text(json.dumps(data))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_rank == self.hparams.fail_on_rank and self.global_step >= self.hparams.fail_at_step:
+            if self.hparams.fail_mode == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"injected failure on rank {self.global_rank}")
+        loss = self._loss(batch)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch), sync_dist=True)
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test_loss", self._loss(batch), sync_dist=True)
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self(batch[0])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.hparams.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def _ray_node_id() -> str | None:
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+class ReferenceSampler(Sampler[int]):
+    """The one-process equivalent of Lightning's distributed training sampler.
+
+    Lightning's ``DistributedSampler`` shuffles with ``torch.randperm(n)`` seeded by seed + epoch and deals the
+    permutation round-robin to the ranks. Batches of ``world_size * b`` from the same permutation hold exactly the union
+    of the ranks' batches of ``b`` at each step (when ``n`` divides evenly), which makes one process a reference.
+    Lightning calls ``set_epoch`` on it at every epoch, as on its own samplers.
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size

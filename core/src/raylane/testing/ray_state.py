@@ -1,0 +1,40 @@
+"""Ray state checks for tests: start a local Ray once, and prove a run released everything it reserved."""
+
+from __future__ import annotations
+
+import time
+
+import ray
+from ray.util import list_named_actors, placement_group_table
+
+TEST_CPUS = 4  # two workers plus room for the trial drivers Tune tests add; oversubscribes a 2-core machine on purpose
+
+
+def ensure_local_ray(num_cpus: int = TEST_CPUS) -> None:
+    """Start a local Ray for tests unless one is already running in this process."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def live_raylane_actors() -> list[str]:
+    return [name for name in list_named_actors() if name.startswith("raylane:")]
+
+
+def live_raylane_placement_groups() -> list[str]:
+    return [
+        info["name"]
+        for info in placement_group_table().values()
+        if info["name"].startswith("raylane-") and info["state"] != "REMOVED"
+    ]
+
+
+def assert_released(timeout_s: float = 15.0) -> None:
+    """Fail unless all raylane actors and placement groups are gone within ``timeout_s`` (Ray frees them lazily)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        actors, groups = live_raylane_actors(), live_raylane_placement_groups()
+        if not actors and not groups:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"raylane left behind actors {actors} and placement groups {groups}")
+        time.sleep(0.2)

@@ -1,0 +1,70 @@
+"""The Ray actor that is one rank: it reports where it landed, then runs Lightning entry points the driver sends."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any
+
+import ray
+
+from raylane import relay
+from raylane.context import WorkerContext
+from raylane.payload import LaunchPayload
+from raylane.registry import backend_host
+from raylane.results import WorkerOutput, collect_output
+from raylane.topology import WorkerPlacement
+
+
+class Worker:
+    """One rank's process. Threaded (two threads): one runs the entry point, the other answers relay polls."""
+
+    def __init__(self) -> None:
+        self._outbox = relay.Outbox()
+
+    def describe(self) -> WorkerPlacement:
+        runtime = ray.get_runtime_context()
+        return WorkerPlacement(
+            node_id=runtime.get_node_id(),
+            node_ip=ray.util.get_node_ip_address(),
+            gpu_ids=tuple(str(gpu) for gpu in ray.get_gpu_ids()),
+        )
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def free_port(self) -> int:
+        """A port free on this node right now, for the rendezvous store rank 0 will open."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            return int(sock.getsockname()[1])
+
+    def drain_relay(self) -> list[tuple[str, Any]]:
+        return self._outbox.drain()
+
+    def run(self, context: WorkerContext, payload_ref: list[ray.ObjectRef]) -> WorkerOutput:
+        """Run one entry point. The payload arrives as a nested reference so it is unpickled only after sys.path and
+        the environment are ready (the user's modules may live next to the driver's script)."""
+        os.environ.update(context.env)
+        for path in reversed(context.driver_sys_path):
+            if path not in sys.path and os.path.isdir(path):
+                sys.path.insert(0, path)
+        payload: LaunchPayload = ray.get(payload_ref[0])
+        payload.global_state.restore()
+        if context.options.init_hook is not None:
+            context.options.init_hook()
+        if context.uses_gpu:
+            import torch
+
+            torch.cuda.set_device(torch.device(context.device))
+        host = backend_host(context.backend)
+        host.setup_process_group(context)
+        relay.activate(self._outbox if context.global_rank == 0 else None)
+        try:
+            payload.trainer.strategy.adopt_worker_context(context)  # type: ignore[attr-defined]
+            results = payload.function(*payload.args, **payload.kwargs)
+            return collect_output(payload.trainer, results, context, host)
+        finally:
+            relay.activate(None)
+            host.teardown_process_group(context)

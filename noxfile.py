@@ -1,0 +1,67 @@
+"""The test matrix: lint, the core alone, each backend alone, and everything together.
+
+Every session installs the CPU build of torch first: an unpinned torch (pulled in by Lightning) would download a
+multi-GB CUDA build. Backends are discovered from the folders under backends/, one session each.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+TORCH = "torch==2.13.0"
+BACKENDS = sorted(path.name for path in (ROOT / "backends").iterdir() if (path / "pyproject.toml").is_file())
+TEST_PLUGINS = ["tests/plugins/raylane-echo"]
+PYTEST = ["pytest", "-q", "-p", "no:cacheprovider"]
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["lint", "core", "backend", "integration"]
+nox.options.error_on_missing_interpreters = True
+
+
+def _install_core(session: nox.Session, *extra: str) -> None:
+    session.install(TORCH)
+    session.install("-e", "core[testing]", *extra)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff==0.17.6")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """The core with no backend installed: discovery and every backend-free path must still work."""
+    _install_core(session)
+    session.run("raylane", "backends")
+    session.run(*PYTEST, "core/tests", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("name", BACKENDS)
+def backend(session: nox.Session, name: str) -> None:
+    """One backend alone: its own tests, which include the core's conformance suite."""
+    _install_core(session, "-e", f"backends/{name}")
+    session.run("python", "-c", f"import raylane; raylane.get_strategy({name!r}, workers=1)")  # smoke import
+    session.run(*PYTEST, f"backends/{name}/tests", *session.posargs)
+
+
+@nox.session
+def integration(session: nox.Session) -> None:
+    """Everything together, plus a third-party backend that lives only in the test tree."""
+    packages = [arg for name in BACKENDS for arg in ("-e", f"backends/{name}")]
+    plugins = [arg for plugin in TEST_PLUGINS for arg in ("-e", plugin)]
+    _install_core(session, *packages, *plugins)
+    session.run("raylane", "backends")
+    session.run(*PYTEST, "tests", *session.posargs)
+
+
+@nox.session
+def example(session: nox.Session) -> None:
+    """The README's first command: train the digits example on 2 Ray workers."""
+    _install_core(session, "-e", "backends/ddp", "scikit-learn")
+    session.run("python", "examples/train_digits.py", *session.posargs)
