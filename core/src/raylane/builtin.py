@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raylane import environment, topology
+from raylane import environment, placement, topology
 from raylane.context import WorkerContext
 from raylane.hookspecs import hookimpl
 from raylane.options import LaunchOptions
@@ -15,6 +15,14 @@ from raylane.options import LaunchOptions
 @hookimpl(trylast=True)
 def raylane_placement_bundles(options: LaunchOptions) -> list[dict[str, float]]:
     return [options.worker_resources() for _ in range(options.workers)]
+
+
+@hookimpl(trylast=True)
+def raylane_reserve_workers(
+    bundles: list[dict[str, float]], options: LaunchOptions, name: str
+) -> placement.WorkerReservation:
+    group = placement.reserve(bundles, options.placement_strategy, options.resource_timeout, name)
+    return placement.WorkerReservation(group, tuple(range(len(bundles))))
 
 
 @hookimpl

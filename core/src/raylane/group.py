@@ -16,14 +16,13 @@ from typing import Any
 
 import ray
 from ray.exceptions import RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylane import placement
 from raylane.context import WorkerContext
 from raylane.errors import WorkerError
 from raylane.host import BackendHost
 from raylane.options import LaunchOptions
+from raylane.placement import WorkerReservation
 from raylane.results import WorkerOutput
 from raylane.topology import assign_ranks
 from raylane.worker import Worker
@@ -45,7 +44,7 @@ class WorkerGroup:
         self.options = options
         self.backend_options = dict(backend_options or {})
         self.run_id = uuid.uuid4().hex[:8]
-        self.placement_group: PlacementGroup | None = None
+        self.reservation: WorkerReservation | None = None
         self.actors: list[ray.actor.ActorHandle] = []
         self.contexts: list[WorkerContext] = []
 
@@ -62,16 +61,14 @@ class WorkerGroup:
             raise ValueError(
                 f"backend {self.host.backend!r} returned {len(bundles)} bundles for {self.options.workers} workers"
             )
-        self.placement_group = placement.reserve(
-            bundles, self.options.placement_strategy, self.options.resource_timeout, f"raylane-{self.run_id}"
-        )
+        self.reservation = self.host.reserve_workers(bundles, self.options, f"raylane-{self.run_id}")
         worker_class = ray.remote(Worker)
-        for index in range(self.options.workers):
-            actor_options = self.host.worker_actor_options(self.options, index)
+        for rank, bundle_index in enumerate(self.reservation.bundle_indices):
+            actor_options = self.host.worker_actor_options(self.options, bundle_index)
             actor_options.update(
-                name=f"raylane:{self.host.backend}:{self.run_id}:rank-{index}",
+                name=f"raylane:{self.host.backend}:{self.run_id}:rank-{rank}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self.placement_group, placement_group_bundle_index=index
+                    self.reservation.placement_group, placement_group_bundle_index=bundle_index
                 ),
             )
             self.actors.append(worker_class.options(**actor_options).remote())
@@ -159,5 +156,6 @@ class WorkerGroup:
             except Exception:  # already dead
                 log.debug("actor already gone", exc_info=True)
         self.actors = []
-        placement.release(self.placement_group)
-        self.placement_group = None
+        if self.reservation is not None:
+            self.reservation.release()
+            self.reservation = None

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
     from raylane.context import WorkerContext
     from raylane.options import LaunchOptions
+    from raylane.placement import WorkerReservation
     from raylane.topology import DeviceAssignment, WorkerPlacement
 
 PROJECT_NAME = "raylane"
@@ -53,6 +54,17 @@ def raylane_placement_bundles(options: LaunchOptions) -> list[dict[str, float]]:
 
     The default reserves ``options.worker_resources()`` per worker. A backend answers when its workers need a different
     shape (for example an extra bundle for a coordinator). The Tune bridge asks this hook to size a trial.
+    """
+
+
+@hookspec(firstresult=True)
+def raylane_reserve_workers(bundles: list[dict[str, float]], options: LaunchOptions, name: str) -> WorkerReservation:
+    """*Driver.* Where the workers go: a placement group and, per worker, the index of its bundle (worker launch).
+
+    The default creates a placement group of ``bundles`` named ``name`` (failing fast when the cluster can never hold
+    it, waiting up to ``options.resource_timeout`` when it is busy) and releases it after the run. An extension answers
+    when the workers must go into a placement group that already exists, such as a Ray Tune trial's; it returns a
+    reservation with ``owned=False`` so the core leaves that group alone afterwards.
     """
 
 

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from raylane.context import WorkerContext
     from raylane.options import LaunchOptions
+    from raylane.placement import WorkerReservation
     from raylane.topology import DeviceAssignment, WorkerPlacement
 
 
@@ -63,6 +64,9 @@ class BackendHost:
 
     def placement_bundles(self, options: LaunchOptions) -> list[dict[str, float]]:
         return list(self._pm.hook.raylane_placement_bundles(options=options))
+
+    def reserve_workers(self, bundles: list[dict[str, float]], options: LaunchOptions, name: str) -> WorkerReservation:
+        return self._pm.hook.raylane_reserve_workers(bundles=bundles, options=options, name=name)  # type: ignore[no-any-return]
 
     def worker_actor_options(self, options: LaunchOptions, bundle_index: int) -> dict[str, Any]:
         return _merge(self._pm.hook.raylane_worker_actor_options(options=options, bundle_index=bundle_index))

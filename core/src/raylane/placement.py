@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -18,6 +19,19 @@ from raylane.errors import ResourceError
 log = logging.getLogger(__name__)
 
 _PROGRESS_EVERY_S = 10.0
+
+
+@dataclass(frozen=True)
+class WorkerReservation:
+    """The placement group the workers run in and each worker's bundle in it (rank order)."""
+
+    placement_group: PlacementGroup
+    bundle_indices: tuple[int, ...]
+    owned: bool = True  # the run created it and removes it afterwards
+
+    def release(self) -> None:
+        if self.owned:
+            release(self.placement_group)
 
 
 def cluster_nodes() -> list[dict[str, float]]:
