@@ -7,6 +7,8 @@ here against the installed Lightning, so a release that changes one fails that t
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pytorch_lightning.strategies.launchers.launcher import _Launcher
@@ -32,6 +34,15 @@ class LauncherSlot:
 
     def _configure_launcher(self) -> None:
         self._launcher = self.make_launcher()
+
+
+def with_ckpt_path(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ckpt_path: str
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments of a Trainer entry point (``Trainer._fit_impl``) with ``ckpt_path`` replaced, to resume a fit."""
+    bound = inspect.signature(function).bind(*args, **kwargs)
+    bound.arguments["ckpt_path"] = ckpt_path
+    return bound.args, bound.kwargs
 
 
 def predict_batch_indices(trainer: pl.Trainer) -> list[list[list[int]]]:

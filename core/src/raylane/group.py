@@ -116,6 +116,8 @@ class WorkerGroup:
                 try:
                     results[rank_of[ref]] = ray.get(ref)
                 except (RayTaskError, RayActorError) as err:
+                    if on_message is not None:
+                        self._relay(on_message)  # what rank 0 said before the failure (e.g. its last checkpoint)
                     raise self._worker_error(rank_of[ref], err) from err
             if on_message is not None:
                 self._relay(on_message)
@@ -126,7 +128,7 @@ class WorkerGroup:
     def _relay(self, on_message: MessageHandler) -> None:
         try:
             messages = ray.get(self.actors[0].drain_relay.remote(), timeout=30)
-        except (RayActorError, ray.exceptions.GetTimeoutError):
+        except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
             return  # rank 0 is gone; its run() ref reports why
         for topic, payload in messages:
             on_message(topic, payload)

@@ -11,8 +11,8 @@ import ray
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.trainer.states import TrainerFn
 
-from raylane import _lightning
-from raylane.errors import ConfigurationError
+from raylane import _lightning, relay
+from raylane.errors import ConfigurationError, WorkerError
 from raylane.group import WorkerGroup
 from raylane.payload import GlobalTorchState, LaunchPayload, put_payload
 from raylane.predictions import merge_predictions
@@ -22,6 +22,7 @@ from raylane.results import apply_output
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
+    from raylane.host import BackendHost
     from raylane.strategy import RayStrategyMixin
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,7 @@ class RayLauncher(_lightning.Launcher):
     def __init__(self, strategy: RayStrategyMixin) -> None:
         self._strategy = strategy
         self._group: WorkerGroup | None = None
+        self.last_checkpoint: str | None = None  # newest checkpoint rank 0 saved, where a restart resumes from
 
     @property
     def is_interactive_compatible(self) -> bool:
@@ -46,12 +48,40 @@ class RayLauncher(_lightning.Launcher):
         ensure_ray(options.workers * options.cpus_per_worker)
         host = backend_host(self._strategy.backend_name)
         _fix_logger_versions(trainer)
+        restarts = 0
+        while True:
+            try:
+                return self._launch_once(host, trainer, function, args, kwargs)
+            except WorkerError as failure:
+                if trainer.state.fn != TrainerFn.FITTING or restarts >= options.max_failures:
+                    raise
+                if self.last_checkpoint is None:
+                    raise WorkerError(
+                        f"{failure}\nNot restarted (max_failures={options.max_failures}): no checkpoint was saved "
+                        "before the failure. Add a ModelCheckpoint that saves every epoch (or more often).",
+                        rank=failure.rank,
+                        node_ip=failure.node_ip,
+                        node_id=failure.node_id,
+                    ) from failure
+                restarts += 1
+                log.warning(
+                    "raylane: worker rank %d failed; restarting fit from %s on fresh workers (restart %d of %d).",
+                    failure.rank,
+                    self.last_checkpoint,
+                    restarts,
+                    options.max_failures,
+                )
+                args, kwargs = _lightning.with_ckpt_path(function, args, kwargs, self.last_checkpoint)
+
+    def _launch_once(
+        self, host: BackendHost, trainer: pl.Trainer, function: Callable[..., Any], args: Any, kwargs: Any
+    ) -> Any:
         payload = put_payload(LaunchPayload(trainer, function, args, kwargs, GlobalTorchState.capture()))
-        self._group = WorkerGroup(host, options, self._strategy.backend_options)
+        self._group = WorkerGroup(host, self._strategy.launch_options, self._strategy.backend_options)
         try:
             self._group.start()
             _log_start(self._group)
-            outputs = self._group.run(payload, lambda topic, data: host.relay_metrics(trainer, topic, data))
+            outputs = self._group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
         finally:
             self._group.shutdown()
             self._group = None
@@ -61,6 +91,12 @@ class RayLauncher(_lightning.Launcher):
         if trainer.state.fn == TrainerFn.PREDICTING and outputs[0].predictions is not None:
             return merge_predictions([o.predictions or [] for o in outputs], [o.batch_indices or [] for o in outputs])
         return rank_zero.results
+
+    def _on_message(self, host: BackendHost, trainer: pl.Trainer, topic: str, payload: Any) -> None:
+        if topic == relay.CHECKPOINT_SAVED:
+            self.last_checkpoint = payload
+        else:
+            host.relay_metrics(trainer, topic, payload)
 
     def kill(self, signum: Any) -> None:
         """Ctrl-C or SIGTERM on the driver: stop every worker and release their resources."""

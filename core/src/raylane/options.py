@@ -32,6 +32,7 @@ class LaunchOptions:
     runtime_env: Mapping[str, Any] | None = None
     resource_timeout: float = 300.0
     collective_timeout: float = 1800.0
+    max_failures: int = 0
 
     def __post_init__(self) -> None:
         _check_workers(self.workers)
@@ -69,6 +70,8 @@ class LaunchOptions:
             raise ConfigurationError(f"runtime_env must be a dict as Ray accepts it, got {self.runtime_env!r}.")
         _check_amount("resource_timeout", self.resource_timeout, allow_zero=False)
         _check_amount("collective_timeout", self.collective_timeout, allow_zero=False)
+        if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
+            raise ConfigurationError(f"max_failures must be a whole number >= 0, got {self.max_failures!r}.")
 
     @property
     def gpus(self) -> float:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+CHECKPOINT_SAVED = "raylane.checkpoint_saved"
+"""Topic the core uses for the path of each checkpoint rank 0 saves; the launcher consumes it."""
+
 
 class Outbox:
     """A thread-safe queue the training thread fills and the driver's poll drains."""

@@ -14,6 +14,7 @@ from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_z
 from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from raylane import relay
 from raylane._lightning import Launcher, LauncherSlot
 from raylane.options import LaunchOptions, split_options
 
@@ -111,6 +112,12 @@ class RayStrategyMixin(LauncherSlot):
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.ray_environment.world_size(), "rank": self.ray_environment.global_rank()}
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+        # Tell the driver where the newest checkpoint is, so it can restart a failed fit from it (max_failures).
+        if self.ray_environment.global_rank() == 0:
+            relay.send(relay.CHECKPOINT_SAVED, str(filepath))
 
     def set_world_ranks(self) -> None:
         # Ray decides ranks; nothing to compute, only Lightning's rank-zero guards to update.

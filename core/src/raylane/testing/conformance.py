@@ -20,6 +20,8 @@ import pytest
 import pytorch_lightning as pl
 import ray
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from ray.util.placement_group import placement_group, remove_placement_group
 from torch.utils.data import DataLoader
 
 from raylane import ConfigurationError, ResourceError, SerializationError, WorkerError, get_strategy
@@ -203,6 +205,51 @@ class BackendConformance:
             self.trainer(tmp_path).fit(model, make_loader(8))
         assert time.monotonic() - started < 60
         assert info.value.rank == self.workers - 1
+        assert_released()
+
+    def test_stuck_collective_times_out_instead_of_hanging(self, tmp_path: Path) -> None:
+        model = ClassifierModel(fail_on_rank=self.workers - 1, fail_at_step=1, fail_mode="hang")
+        started = time.monotonic()
+        with pytest.raises(WorkerError):
+            self.trainer(tmp_path, strategy=self.strategy(collective_timeout=5)).fit(model, make_loader(8))
+        assert time.monotonic() - started < 90
+        assert_released()
+
+    def test_busy_resources_wait_then_fail_with_detail(self, tmp_path: Path) -> None:
+        cpus = ray.cluster_resources()["CPU"]
+        blocker = placement_group([{"CPU": cpus}])
+        ray.get(blocker.ready(), timeout=30)
+        try:
+            started = time.monotonic()
+            with pytest.raises(ResourceError, match="resource_timeout"):
+                self.trainer(tmp_path, strategy=self.strategy(resource_timeout=3)).fit(
+                    ClassifierModel(), make_loader(8)
+                )
+            assert 3 <= time.monotonic() - started < 30
+        finally:
+            remove_placement_group(blocker)
+        assert_released()
+
+    def test_restart_from_last_checkpoint_matches_uninterrupted_run(self, tmp_path: Path) -> None:
+        steps_per_epoch = 64 // (8 * self.workers)
+        torch.manual_seed(3)
+        interrupted = ClassifierModel(
+            fail_on_rank=self.workers - 1,
+            fail_at_step=2 * steps_per_epoch,  # the first step of the third epoch, right after a checkpoint
+            fail_mode="kill",
+            fail_once_marker=str(tmp_path / "failed-once"),
+        )
+        uninterrupted = ClassifierModel()
+        uninterrupted.load_state_dict(interrupted.state_dict())
+        every_epoch = {"callbacks": [ModelCheckpoint(save_top_k=-1, every_n_epochs=1)], "max_epochs": 4}
+        trainer = self.trainer(tmp_path / "a", strategy=self.strategy(max_failures=1), **every_epoch)
+        trainer.fit(interrupted, make_loader(8))
+        every_epoch["callbacks"] = [ModelCheckpoint(save_top_k=-1, every_n_epochs=1)]
+        self.trainer(tmp_path / "b", **every_epoch).fit(uninterrupted, make_loader(8))
+        assert (tmp_path / "failed-once").exists(), "the failure was injected"
+        assert trainer.current_epoch == 4
+        for name, value in uninterrupted.state_dict().items():
+            torch.testing.assert_close(interrupted.state_dict()[name], value, atol=self.weight_tolerance, rtol=0)
         assert_released()
 
     def test_lightning_strategy_name_resolves(self) -> None:

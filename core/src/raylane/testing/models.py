@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ class ClassifierModel(pl.LightningModule):
 
     ``report_dir``: every rank writes what it saw (ranks, sampler, initial weights, node, the ``report_env``
     variables) there as JSON.
-    ``fail_on_rank`` / ``fail_at_step`` / ``fail_mode``: make one rank raise or kill its own process.
+    ``fail_on_rank`` / ``fail_at_step`` / ``fail_mode``: make one rank raise, kill its own process (``"kill"``) or
+    hang without dying (``"hang"``). With ``fail_once_marker`` (a file path) it fails only the first time.
     """
 
     def __init__(
@@ -46,6 +48,7 @@ class ClassifierModel(pl.LightningModule):
         fail_on_rank: int | None = None,
         fail_at_step: int = 0,
         fail_mode: str = "raise",
+        fail_once_marker: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -86,12 +89,22 @@ class ClassifierModel(pl.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.hparams.fail_on_rank and self.global_step >= self.hparams.fail_at_step:
-            if self.hparams.fail_mode == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError(f"injected failure on rank {self.global_rank}")
+            self._inject_failure()
         loss = self._loss(batch)
         self.log("train_loss", loss)
         return loss
+
+    def _inject_failure(self) -> None:
+        marker = self.hparams.fail_once_marker
+        if marker is not None:
+            if os.path.exists(marker):
+                return
+            Path(marker).touch()
+        if self.hparams.fail_mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hparams.fail_mode == "hang":
+            time.sleep(3600)  # alive but never joins the next collective
+        raise RuntimeError(f"injected failure on rank {self.global_rank}")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.log("val_loss", self._loss(batch), sync_dist=True)
