@@ -50,13 +50,21 @@ def predict_batch_indices(trainer: pl.Trainer) -> list[list[list[int]]]:
 
     Lightning wraps predict dataloaders' batch samplers to record the indices they yield.
     """
+    return [
+        [list(batch) for batch in getattr(dataloader.batch_sampler, "seen_batch_indices", [])]
+        for dataloader in _predict_dataloaders(trainer)
+    ]
+
+
+def _predict_dataloaders(trainer: pl.Trainer) -> list[Any]:
     dataloaders = trainer.predict_dataloaders
     if isinstance(dataloaders, dict):
-        dataloaders = list(dataloaders.values())
-    elif not isinstance(dataloaders, (list, tuple)):
-        dataloaders = [] if dataloaders is None else [dataloaders]
-    indices = []
-    for dataloader in dataloaders:
-        batch_sampler = getattr(dataloader, "batch_sampler", None)
-        indices.append([list(batch) for batch in getattr(batch_sampler, "seen_batch_indices", [])])
-    return indices
+        return list(dataloaders.values())
+    if isinstance(dataloaders, (list, tuple)):
+        return list(dataloaders)
+    return [] if dataloaders is None else [dataloaders]
+
+
+def predict_batch_sizes(trainer: pl.Trainer) -> list[int | None]:
+    """The batch size of each predict dataloader (None where a custom batch sampler decides)."""
+    return [getattr(dataloader, "batch_size", None) for dataloader in _predict_dataloaders(trainer)]

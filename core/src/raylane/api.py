@@ -7,6 +7,7 @@ from typing import Any
 
 from pytorch_lightning.strategies import Strategy, StrategyRegistry
 
+from raylane.errors import BackendConflictError
 from raylane.registry import backend_host, discover
 
 LIGHTNING_PREFIX = "ray_"
@@ -31,7 +32,11 @@ def register_with_lightning() -> list[str]:
     The string form uses ``workers=2``; pass a strategy object from :func:`get_strategy` for anything else.
     """
     names = []
-    for backend in discover():
+    try:
+        installed = discover()
+    except BackendConflictError:
+        return names  # reported where the backends are used (get_strategy, list_backends, `raylane backends`)
+    for backend in installed:
         name = f"{LIGHTNING_PREFIX}{backend}"
         if name not in StrategyRegistry:
             StrategyRegistry.register(

@@ -24,18 +24,20 @@ from raylane.host import BackendHost
 from raylane.options import LaunchOptions
 from raylane.placement import WorkerReservation
 from raylane.results import WorkerOutput
-from raylane.topology import assign_ranks
+from raylane.topology import WorkerPlacement, assign_ranks
 from raylane.worker import Worker
 
 log = logging.getLogger(__name__)
 
 RELAY_POLL_S = 0.5
+ROOT_CAUSE_GRACE_S = 3.0
 
 MessageHandler = Callable[[str, Any], None]
 
 
 class WorkerGroup:
-    """The actors of one run. Use :meth:`start` and always :meth:`shutdown` (it is a context manager)."""
+    """The actors of one strategy's runs. Use :meth:`start`, then :meth:`run` any number of times, and always
+    :meth:`shutdown` (it is a context manager)."""
 
     def __init__(
         self, host: BackendHost, options: LaunchOptions, backend_options: Mapping[str, Any] | None = None
@@ -46,6 +48,7 @@ class WorkerGroup:
         self.run_id = uuid.uuid4().hex[:8]
         self.reservation: WorkerReservation | None = None
         self.actors: list[ray.actor.ActorHandle] = []
+        self.placements: list[WorkerPlacement] = []
         self.contexts: list[WorkerContext] = []
 
     def __enter__(self) -> WorkerGroup:
@@ -72,10 +75,24 @@ class WorkerGroup:
                 ),
             )
             self.actors.append(worker_class.options(**actor_options).remote())
-        placements = self._gather([actor.describe.remote() for actor in self.actors])
-        master_port = self._gather([self.actors[0].free_port.remote()])[0]
-        self.contexts = self._contexts(placements, master_port)
+        self.placements = self._gather([actor.describe.remote() for actor in self.actors])
+        self._refresh_contexts()
         return self
+
+    def _refresh_contexts(self) -> None:
+        # A fresh rendezvous port for every run: the previous run's store may still hold its port.
+        master_port = self._gather([self.actors[0].free_port.remote()])[0]
+        self.contexts = self._contexts(self.placements, master_port)
+
+    def is_alive(self) -> bool:
+        """Whether every actor still answers (a warm group is only reused when it does)."""
+        if not self.actors:
+            return False
+        try:
+            ray.get([actor.pid.remote() for actor in self.actors], timeout=10)
+        except Exception:  # dead actor, lost node or timeout: start a fresh group instead
+            return False
+        return True
 
     def _contexts(self, placements: Sequence[Any], master_port: int) -> list[WorkerContext]:
         ranks = assign_ranks(placements)
@@ -101,6 +118,7 @@ class WorkerGroup:
 
     def run(self, payload: ray.ObjectRef, on_message: MessageHandler | None = None) -> list[WorkerOutput]:
         """Run the payload on every worker; return their outputs in rank order, or raise the first failure."""
+        self._refresh_contexts()
         refs = [actor.run.remote(context, [payload]) for actor, context in zip(self.actors, self.contexts)]
         outputs = self._gather(refs, on_message)
         return sorted(outputs, key=lambda output: output.rank)
@@ -118,12 +136,30 @@ class WorkerGroup:
                 except (RayTaskError, RayActorError) as err:
                     if on_message is not None:
                         self._relay(on_message)  # what rank 0 said before the failure (e.g. its last checkpoint)
-                    raise self._worker_error(rank_of[ref], err) from err
+                    rank, cause = self._root_cause(rank_of, pending, rank_of[ref], err)
+                    raise self._worker_error(rank, cause) from cause
             if on_message is not None:
                 self._relay(on_message)
         if on_message is not None:
             self._relay(on_message)
         return [results[index] for index in range(len(refs))]
+
+    def _root_cause(
+        self, rank_of: dict[ray.ObjectRef, int], pending: list[ray.ObjectRef], rank: int, err: Exception
+    ) -> tuple[int, Exception]:
+        """When one rank dies, its peers soon raise "connection closed" errors of their own. Give the other ranks a
+        moment to report and blame a dead rank over one that raised, so the error names the real culprit."""
+        if isinstance(err, RayActorError) or not pending:
+            return rank, err
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=ROOT_CAUSE_GRACE_S)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as death:
+                return rank_of[ref], death
+            except RayTaskError:
+                continue
+        return rank, err
 
     def _relay(self, on_message: MessageHandler) -> None:
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +31,20 @@ log = logging.getLogger(__name__)
 
 
 class RayLauncher(_lightning.Launcher):
-    """Runs each Trainer entry point (fit, validate, test, predict) on a fresh group of Ray worker actors."""
+    """Runs each Trainer entry point (fit, validate, test, predict) on the strategy's Ray worker actors.
+
+    The actors start with the first entry point and stay warm for the next ones (fit -> validate -> test -> predict
+    pay start-up once). They are released when an entry point fails, after ``idle_timeout`` seconds without a next
+    entry point, when the strategy (with its Trainer) is garbage collected, or by ``strategy.release_workers()``.
+    """
 
     def __init__(self, strategy: RayStrategyMixin) -> None:
         self._strategy = strategy
         self._group: WorkerGroup | None = None
+        self._finalizer: weakref.finalize | None = None
+        self._lock = threading.Lock()  # the idle timer's thread and the Trainer's thread both release
+        self._busy = False
+        self._idle_timer: threading.Timer | None = None
         self.last_checkpoint: str | None = None  # newest checkpoint rank 0 saved, where a restart resumes from
 
     @property
@@ -77,20 +88,61 @@ class RayLauncher(_lightning.Launcher):
         self, host: BackendHost, trainer: pl.Trainer, function: Callable[..., Any], args: Any, kwargs: Any
     ) -> Any:
         payload = put_payload(LaunchPayload(trainer, function, args, kwargs, GlobalTorchState.capture()))
-        self._group = WorkerGroup(host, self._strategy.launch_options, self._strategy.backend_options)
+        with self._lock:
+            self._busy = True
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
         try:
-            self._group.start()
-            _log_start(self._group)
-            outputs = self._group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
-        finally:
-            self._group.shutdown()
-            self._group = None
+            group = self._warm_group(host)
+            outputs = group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
+        except BaseException:  # failures, Ctrl-C: nothing may keep running or stay reserved
+            self._busy = False
+            self.release()
+            raise
+        self._busy = False
+        self._start_idle_timer()
         rank_zero = outputs[0].rank_zero
         assert rank_zero is not None, "rank 0 always reports the trainer state"
         apply_output(trainer, rank_zero, host)
         if trainer.state.fn == TrainerFn.PREDICTING and outputs[0].predictions is not None:
-            return merge_predictions([o.predictions or [] for o in outputs], [o.batch_indices or [] for o in outputs])
+            return merge_predictions(
+                [o.predictions or [] for o in outputs],
+                [o.batch_indices or [] for o in outputs],
+                outputs[0].batch_sizes or [],
+            )
         return rank_zero.results
+
+    def _warm_group(self, host: BackendHost) -> WorkerGroup:
+        if self._group is not None and self._group.is_alive():
+            return self._group
+        self.release()
+        group = WorkerGroup(host, self._strategy.launch_options, self._strategy.backend_options)
+        self._group = group
+        self._finalizer = weakref.finalize(self, group.shutdown)
+        group.start()
+        _log_start(group)
+        return group
+
+    def release(self) -> None:
+        """Stop the warm workers and free their resources now."""
+        with self._lock:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            if self._finalizer is not None:
+                self._finalizer()  # runs group.shutdown once
+            self._group, self._finalizer, self._idle_timer = None, None, None
+
+    def _start_idle_timer(self) -> None:
+        timeout = self._strategy.launch_options.idle_timeout
+        if timeout <= 0:
+            self.release()
+            return
+        # A weak reference: a pending timer must not keep a dropped Trainer's workers alive.
+        timer = threading.Timer(timeout, _release_if_idle, args=(weakref.ref(self),))
+        timer.daemon = True
+        with self._lock:
+            self._idle_timer = timer
+        timer.start()
 
     def _on_message(self, host: BackendHost, trainer: pl.Trainer, topic: str, payload: Any) -> None:
         if topic == relay.CHECKPOINT_SAVED:
@@ -100,12 +152,22 @@ class RayLauncher(_lightning.Launcher):
 
     def kill(self, signum: Any) -> None:
         """Ctrl-C or SIGTERM on the driver: stop every worker and release their resources."""
-        if self._group is not None:
-            self._group.shutdown()
+        self.release()
 
     def __getstate__(self) -> dict[str, Any]:
         # The launcher travels inside the pickled Trainer; actor handles and the placement group stay on the driver.
-        return {**self.__dict__, "_group": None}
+        state = {**self.__dict__, "_group": None, "_finalizer": None, "_idle_timer": None, "_busy": False}
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+
+def _release_if_idle(launcher_ref: weakref.ref[RayLauncher]) -> None:
+    launcher = launcher_ref()
+    if launcher is not None and not launcher._busy:
+        launcher.release()
 
 
 def check_trainer_flags(trainer: pl.Trainer, workers: int) -> None:

@@ -33,6 +33,7 @@ class LaunchOptions:
     resource_timeout: float = 300.0
     collective_timeout: float = 1800.0
     max_failures: int = 0
+    idle_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         _check_workers(self.workers)
@@ -41,6 +42,10 @@ class LaunchOptions:
             raise ConfigurationError(f"use_gpu must be True or False, got {self.use_gpu!r}.")
         if self.gpus_per_worker is not None:
             _check_amount("gpus_per_worker", self.gpus_per_worker)
+            if self.gpus_per_worker == 0 and self.use_gpu:
+                raise ConfigurationError(
+                    "use_gpu=True with gpus_per_worker=0 reserves no GPU; give gpus_per_worker > 0 or use_gpu=False."
+                )
             if self.gpus_per_worker > 0 and not self.use_gpu:
                 raise ConfigurationError(
                     f"gpus_per_worker={self.gpus_per_worker} needs use_gpu=True; pass use_gpu=True or drop "
@@ -70,6 +75,12 @@ class LaunchOptions:
             raise ConfigurationError(f"runtime_env must be a dict as Ray accepts it, got {self.runtime_env!r}.")
         _check_amount("resource_timeout", self.resource_timeout, allow_zero=False)
         _check_amount("collective_timeout", self.collective_timeout, allow_zero=False)
+        _check_amount("idle_timeout", self.idle_timeout)
+        if not self.worker_resources():
+            raise ConfigurationError(
+                "cpus_per_worker=0 with no GPU or custom resources reserves nothing, which Ray cannot place; "
+                "give cpus_per_worker > 0."
+            )
         if isinstance(self.max_failures, bool) or not isinstance(self.max_failures, int) or self.max_failures < 0:
             raise ConfigurationError(f"max_failures must be a whole number >= 0, got {self.max_failures!r}.")
 

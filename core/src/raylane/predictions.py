@@ -22,19 +22,26 @@ class _Unsplittable(Exception):
 
 
 def merge_predictions(
-    per_rank_predictions: Sequence[list[list[Any]]], per_rank_indices: Sequence[list[list[list[int]]]]
+    per_rank_predictions: Sequence[list[list[Any]]],
+    per_rank_indices: Sequence[list[list[list[int]]]],
+    batch_sizes: Sequence[int | None] = (),
 ) -> list[Any]:
-    """Merge ``[rank][dataloader][batch]`` outputs into Lightning's return shape, in dataset order."""
+    """Merge ``[rank][dataloader][batch]`` outputs into Lightning's return shape, in dataset order.
+
+    ``batch_sizes`` are the dataloaders' batch sizes; without one, the largest batch any rank predicted is used
+    (too small when every rank saw fewer samples than a batch).
+    """
     num_dataloaders = len(per_rank_predictions[0]) if per_rank_predictions else 0
     merged = []
     for dl in range(num_dataloaders):
         batches = [batch for rank in per_rank_predictions for batch in rank[dl]]
         indices = [index for rank in per_rank_indices for index in (rank[dl] if dl < len(rank) else [])]
-        merged.append(_merge_dataloader(batches, indices))
+        batch_size = batch_sizes[dl] if dl < len(batch_sizes) else None
+        merged.append(_merge_dataloader(batches, indices, batch_size))
     return merged[0] if num_dataloaders == 1 else merged
 
 
-def _merge_dataloader(batches: list[Any], indices: list[list[int]]) -> list[Any]:
+def _merge_dataloader(batches: list[Any], indices: list[list[int]], batch_size: int | None) -> list[Any]:
     if len(indices) != len(batches) or not batches:
         if batches:
             warnings.warn(
@@ -43,7 +50,7 @@ def _merge_dataloader(batches: list[Any], indices: list[list[int]]) -> list[Any]
                 stacklevel=3,
             )
         return batches
-    batch_size = max(len(batch_indices) for batch_indices in indices)
+    batch_size = batch_size or max(len(batch_indices) for batch_indices in indices)
     try:
         samples = [
             (index, sample)

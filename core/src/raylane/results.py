@@ -49,6 +49,7 @@ class WorkerOutput:
     rank: int
     predictions: list[list[Any]] | None = None
     batch_indices: list[list[list[int]]] | None = None
+    batch_sizes: list[int | None] | None = None
     rank_zero: RankZeroOutput | None = None
 
 
@@ -61,6 +62,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
     if fn == TrainerFn.PREDICTING and results is not None:
         output.predictions = _per_dataloader(_to_cpu(results), len(_lightning.predict_batch_indices(trainer)))
         output.batch_indices = _lightning.predict_batch_indices(trainer)
+        output.batch_sizes = _lightning.predict_batch_sizes(trainer)
         results = None
     if context.global_rank != 0:
         return output

@@ -98,6 +98,12 @@ class RayStrategyMixin(LauncherSlot):
 
         return RayLauncher(self)
 
+    def release_workers(self) -> None:
+        """Stop this strategy's warm Ray workers now (they are otherwise kept for the Trainer's next entry point)."""
+        launcher = getattr(self, "_launcher", None)
+        if launcher is not None:
+            launcher.release()
+
     def adopt_worker_context(self, context: WorkerContext) -> None:
         """Called inside a worker before the entry point: take the ranks and device the launcher assigned."""
         self.ray_environment.context = context

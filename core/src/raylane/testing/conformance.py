@@ -10,9 +10,11 @@ Everything runs for real: a local Ray, real Lightning, real worker processes, re
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,8 +47,10 @@ class BackendConformance:
     weight_tolerance: ClassVar[float] = 1e-6
 
     @pytest.fixture(autouse=True)
-    def _ray(self) -> None:
+    def _ray(self) -> Iterator[None]:
         ensure_local_ray()
+        yield
+        gc.collect()  # finished Trainers release their warm workers, so the next test finds the CPUs free
 
     def strategy(self, **options: Any) -> pl.strategies.Strategy:
         return get_strategy(self.backend, **{"workers": self.workers, **self.backend_options, **options})
@@ -98,6 +102,22 @@ class BackendConformance:
             expected = [model(inputs) for inputs, _ in DataLoader(dataset, batch_size=8)]
         assert [p.shape for p in predictions] == [e.shape for e in expected]
         torch.testing.assert_close(torch.cat(predictions), torch.cat(expected))
+
+    def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:
+        model = ClassifierModel(report_dir=str(tmp_path))
+        trainer = self.trainer(tmp_path, max_epochs=1)
+        trainer.fit(model, make_loader(8))
+        trainer.test(model, make_loader(8))
+        fit_pids = sorted(json.loads(p.read_text())["pid"] for p in tmp_path.glob("fit-rank*.json"))
+        test_pids = sorted(json.loads(p.read_text())["pid"] for p in tmp_path.glob("test-rank*.json"))
+        assert fit_pids == test_pids, "test() after fit() runs on the same warm actors"
+        trainer.strategy.release_workers()  # type: ignore[attr-defined]
+        assert_released()
+
+    def test_idle_workers_are_released_after_idle_timeout(self, tmp_path: Path) -> None:
+        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=1))
+        trainer.validate(ClassifierModel(), make_loader(8))
+        assert_released(timeout_s=20)
 
     # -- ranks, sampler, initial weights ---------------------------------------------------------------------------
 
@@ -250,6 +270,8 @@ class BackendConformance:
         assert trainer.current_epoch == 4
         for name, value in uninterrupted.state_dict().items():
             torch.testing.assert_close(interrupted.state_dict()[name], value, atol=self.weight_tolerance, rtol=0)
+        del trainer
+        gc.collect()
         assert_released()
 
     def test_lightning_strategy_name_resolves(self) -> None:

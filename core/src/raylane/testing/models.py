@@ -82,6 +82,10 @@ class ClassifierModel(pl.LightningModule):
                 },
             )
 
+    def on_test_start(self) -> None:
+        if self.hparams.report_dir is not None:
+            self._report("test", {"global_rank": self.global_rank, "pid": os.getpid()})
+
     def _report(self, stage: str, data: dict[str, Any]) -> None:
         assert self.hparams.report_dir is not None
         path = Path(self.hparams.report_dir) / f"{stage}-rank{self.global_rank}.json"

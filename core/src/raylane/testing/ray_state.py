@@ -17,7 +17,8 @@ def ensure_local_ray(num_cpus: int = TEST_CPUS) -> None:
 
 
 def live_raylane_actors() -> list[str]:
-    return [name for name in list_named_actors() if name.startswith("raylane:")]
+    named = list_named_actors(all_namespaces=True)
+    return [actor["name"] for actor in named if actor["name"].startswith("raylane:")]
 
 
 def live_raylane_placement_groups() -> list[str]:

@@ -1,0 +1,57 @@
+"""raylane's ``sharded`` backend: hook implementations only. Strategy and engines are imported when first used.
+
+``get_strategy("sharded", workers=N)`` shards optimizer state across the workers with FairScale (``engine="zero"``:
+torch's ZeroRedundancyOptimizer); see the package README for which engine to pick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from raylane import hookimpl
+
+from raylane_sharded.engines import DEFAULT_ENGINE, ENGINE_OPTIONS, ENGINES
+
+if TYPE_CHECKING:
+    from raylane import WorkerContext
+
+    from raylane_sharded.strategy import RayShardedStrategy
+
+__all__ = ["DEFAULT_ENGINE", "ENGINES", "ENGINE_OPTIONS"]
+
+
+@hookimpl
+def raylane_strategy_class() -> type[RayShardedStrategy]:
+    from raylane_sharded.strategy import RayShardedStrategy
+
+    return RayShardedStrategy
+
+
+@hookimpl
+def raylane_backend_options() -> Mapping[str, str]:
+    return ENGINE_OPTIONS
+
+
+@hookimpl
+def raylane_setup_process_group(context: WorkerContext) -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # a previous entry point in this process failed before its teardown
+        dist.destroy_process_group()
+    dist.init_process_group(
+        backend="nccl" if context.uses_gpu else "gloo",
+        init_method=context.init_method,
+        rank=context.global_rank,
+        world_size=context.world_size,
+        timeout=timedelta(seconds=context.options.collective_timeout),
+    )
+
+
+@hookimpl
+def raylane_teardown_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,40 @@
+"""What sharded optimizers need from the one a LightningModule configured, and how its schedulers keep working."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def same_optimizer_kwargs(optimizer: Optimizer) -> dict[str, Any]:
+    """Constructor arguments that rebuild ``optimizer``'s class with its hyperparameters (torch keeps them in
+    ``defaults``, one entry per constructor argument)."""
+    return dict(optimizer.defaults)
+
+
+def share_param_groups(configured: Optimizer, sharded: Optimizer) -> None:
+    """Make ``configured`` (which the LightningModule's LR schedulers hold) show the sharded optimizer's groups.
+
+    Learning-rate schedulers and ``LearningRateMonitor`` read and write ``scheduler.optimizer.param_groups``, and the
+    sharded optimizers copy their groups' hyperparameters to the shard's optimizer before every step. Loading a
+    checkpoint replaces the sharded optimizer's group dicts, so this runs again after every load.
+    """
+    if configured is not sharded:
+        configured.param_groups = sharded.param_groups
+
+
+def local_state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of the tensors in the optimizer state this process holds: only its shard's, for a sharded optimizer.
+
+    FairScale's OSS and torch's ZeroRedundancyOptimizer keep the shard's state in the optimizer they wrap (``optim``).
+    """
+    inner = getattr(optimizer, "optim", None)
+    state = inner.state if isinstance(inner, Optimizer) else optimizer.state
+    return sum(
+        value.numel() * value.element_size()
+        for param_state in state.values()
+        for value in param_state.values()
+        if isinstance(value, Tensor)
+    )

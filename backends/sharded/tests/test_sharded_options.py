@@ -1,0 +1,94 @@
+"""Engine choice and options: checked on the driver, before any actor starts, with messages that say what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from raylane import BackendLoadError, ConfigurationError, get_strategy
+from raylane_sharded import ENGINE_OPTIONS, ENGINES
+from raylane_sharded.strategy import RayShardedStrategy
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_default_engine_is_fairscale() -> None:
+    strategy = get_strategy("sharded", workers=2)
+    assert isinstance(strategy, RayShardedStrategy)
+    assert strategy.engine_spec.name == "fairscale"
+
+
+def test_lightning_strategy_name_uses_the_default_engine() -> None:
+    trainer = pl.Trainer(strategy="ray_sharded", logger=False, enable_progress_bar=False)
+    assert trainer.strategy.engine_spec.name == "fairscale"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", [*ENGINES])
+def test_every_engine_builds_a_strategy(engine: str) -> None:
+    assert get_strategy("sharded", workers=2, engine=engine).engine_spec.name == engine  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "FAIRSCALE", None, 3])
+def test_unknown_engine_lists_the_valid_ones(engine: object) -> None:
+    with pytest.raises(ConfigurationError, match="Unknown engine") as info:
+        get_strategy("sharded", workers=2, engine=engine)
+    for name in ENGINES:
+        assert repr(name) in str(info.value)
+
+
+def test_option_of_another_engine_names_its_engine() -> None:
+    with pytest.raises(ConfigurationError, match="reduce_buffer_size is for engine 'fairscale'") as info:
+        get_strategy("sharded", workers=2, engine="zero", reduce_buffer_size=2**20)
+    assert "find_unused_parameters" in str(info.value), "the message lists what the chosen engine takes"
+
+
+def test_unknown_option_lists_the_engine_options() -> None:
+    with pytest.raises(ConfigurationError, match="reduce_bufer_size") as info:
+        get_strategy("sharded", workers=2, reduce_bufer_size=0)
+    assert "reduce_buffer_size" in str(info.value) and "engine" in str(info.value)
+
+
+def test_options_pass_through_to_the_engine() -> None:
+    options = {"reduce_buffer_size": 2**20, "broadcast_buffers": False, "auto_refresh_trainable": False}
+    strategy = get_strategy("sharded", workers=2, broadcast_fp16=True, **options)
+    engine = strategy.engine  # type: ignore[attr-defined]
+    assert (engine.reduce_buffer_size, engine.broadcast_buffers, engine.auto_refresh_trainable) == (2**20, False, False)
+    assert engine.broadcast_fp16 is True
+
+
+def test_zero_engine_ddp_options_reach_ddp() -> None:
+    strategy = get_strategy("sharded", workers=2, engine="zero", find_unused_parameters=True, broadcast_buffers=False)
+    assert strategy.engine_spec.ddp_kwargs(strategy.engine_options) == {  # type: ignore[attr-defined]
+        "find_unused_parameters": True,
+        "broadcast_buffers": False,
+    }
+
+
+def test_missing_fairscale_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "fairscale", None)  # what Python does for a module that cannot be imported
+    with pytest.raises(BackendLoadError, match=r"pip install fairscale==0\.4\.13") as info:
+        get_strategy("sharded", workers=2)
+    assert "'zero'" in str(info.value), "the message offers the engine that needs no extra package"
+    assert isinstance(info.value, ImportError)
+    get_strategy("sharded", workers=2, engine="zero")  # the other engine still works
+
+
+def test_entry_module_imports_no_engine() -> None:
+    heavy = ("fairscale", "raylane_sharded.strategy", "raylane_sharded.zero_engine")
+    code = f"import sys, raylane_sharded; print([m for m in {heavy!r} if m in sys.modules])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "[]"
+
+
+def test_strategy_on_the_driver_imports_no_engine() -> None:
+    code = "import sys, raylane; raylane.get_strategy('sharded', workers=2); print('fairscale' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", [*ENGINE_OPTIONS, *ENGINES])
+def test_readme_documents_every_engine_and_option(name: str) -> None:
+    assert f"`{name}`" in README.read_text()

@@ -1,0 +1,189 @@
+"""Every bad option fails before anything touches Ray, with a message naming the option; good ones size the workers."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from ray.util.placement_group import validate_placement_group
+from raylane import ConfigurationError
+from raylane.options import LAUNCH_OPTION_NAMES, PLACEMENT_STRATEGIES, LaunchOptions, split_options
+
+property_test = settings(max_examples=100, deadline=None)
+BACKEND_OPTIONS = {"find_unused_parameters": "DDP: allow parameters that get no gradient in a step"}
+
+INVALID = [
+    # (options, the name the message must contain)
+    ({"workers": 0}, "workers"),
+    ({"workers": -2}, "workers"),
+    ({"workers": 2.0}, "workers"),
+    ({"workers": "2"}, "workers"),
+    ({"workers": True}, "workers"),
+    ({"workers": 2, "cpus_per_worker": -1}, "cpus_per_worker"),
+    ({"workers": 2, "cpus_per_worker": math.nan}, "cpus_per_worker"),
+    ({"workers": 2, "cpus_per_worker": math.inf}, "cpus_per_worker"),
+    ({"workers": 2, "cpus_per_worker": "1"}, "cpus_per_worker"),
+    ({"workers": 2, "cpus_per_worker": True}, "cpus_per_worker"),
+    ({"workers": 2, "use_gpu": "yes"}, "use_gpu"),
+    ({"workers": 2, "use_gpu": 1}, "use_gpu"),
+    ({"workers": 2, "gpus_per_worker": 1}, "gpus_per_worker"),
+    ({"workers": 2, "gpus_per_worker": 0.5}, "gpus_per_worker"),
+    ({"workers": 2, "use_gpu": True, "gpus_per_worker": 1.5}, "gpus_per_worker"),
+    ({"workers": 2, "use_gpu": True, "gpus_per_worker": -1}, "gpus_per_worker"),
+    ({"workers": 2, "use_gpu": True, "gpus_per_worker": math.nan}, "gpus_per_worker"),
+    ({"workers": 2, "resources_per_worker": {"CPU": 2}}, "resources_per_worker"),
+    ({"workers": 2, "resources_per_worker": {"GPU": 1}}, "resources_per_worker"),
+    ({"workers": 2, "resources_per_worker": {"memory": 1e9}}, "resources_per_worker"),
+    ({"workers": 2, "resources_per_worker": {"accelerator": -1}}, "resources_per_worker['accelerator']"),
+    ({"workers": 2, "resources_per_worker": {"accelerator": math.inf}}, "resources_per_worker['accelerator']"),
+    ({"workers": 2, "placement_strategy": "pack"}, "placement_strategy"),
+    ({"workers": 2, "placement_strategy": "SPREAD_EVENLY"}, "placement_strategy"),
+    ({"workers": 2, "env": {"SEED": 1}}, "env"),
+    ({"workers": 2, "env": {1: "x"}}, "env"),
+    ({"workers": 2, "init_hook": "setup_logging"}, "init_hook"),
+    ({"workers": 2, "runtime_env": ["pip"]}, "runtime_env"),
+    ({"workers": 2, "resource_timeout": 0}, "resource_timeout"),
+    ({"workers": 2, "resource_timeout": -5}, "resource_timeout"),
+    ({"workers": 2, "collective_timeout": 0}, "collective_timeout"),
+    ({"workers": 2, "collective_timeout": math.nan}, "collective_timeout"),
+    ({"workers": 2, "max_failures": -1}, "max_failures"),
+    ({"workers": 2, "max_failures": 1.0}, "max_failures"),
+    ({"workers": 2, "max_failures": True}, "max_failures"),
+]
+
+
+@pytest.mark.parametrize(("options", "name"), INVALID, ids=[f"{name}={o!r}" for o, name in INVALID])
+def test_invalid_option_is_a_configuration_error_naming_it(options: dict[str, Any], name: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(name)):
+        split_options(options, BACKEND_OPTIONS, "ddp")
+
+
+def test_configuration_errors_are_value_errors() -> None:
+    # Code written before raylane, catching ValueError around strategy construction, keeps working.
+    with pytest.raises(ValueError, match="workers"):
+        LaunchOptions(workers=0)
+
+
+def test_unknown_options_are_named_with_every_valid_option() -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        split_options({"workers": 2, "wrokers": 2, "num_gpus": 1}, BACKEND_OPTIONS, "ddp")
+
+    message = str(raised.value)
+    assert "Unknown option(s) for backend 'ddp': num_gpus, wrokers." in message
+    valid = message.split("Valid options are: ", 1)[1]
+    assert set(re.findall(r"\w+", valid)) == {*LAUNCH_OPTION_NAMES, *BACKEND_OPTIONS}
+
+
+def test_workers_is_required() -> None:
+    with pytest.raises(ConfigurationError, match=r"needs workers=N"):
+        split_options({"cpus_per_worker": 2}, BACKEND_OPTIONS, "ddp")
+
+
+def test_split_options_separates_shared_and_backend_options() -> None:
+    launch, backend = split_options(
+        {"workers": 3, "cpus_per_worker": 2, "find_unused_parameters": True}, BACKEND_OPTIONS, "ddp"
+    )
+
+    assert (launch.workers, launch.cpus_per_worker) == (3, 2)
+    assert backend == {"find_unused_parameters": True}
+
+
+def test_valid_edge_values_are_accepted() -> None:
+    options = LaunchOptions(
+        workers=1,
+        use_gpu=True,
+        gpus_per_worker=2.0,
+        resources_per_worker={"accelerator": 0},
+        placement_strategy="STRICT_SPREAD",
+        env={"SEED": "1"},
+        init_hook=lambda: None,
+        runtime_env={"pip": ["numpy"]},
+        resource_timeout=0.5,
+    )
+
+    assert options.worker_resources() == {"CPU": 1.0, "GPU": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("options", "bundle"),
+    [
+        ({}, {"CPU": 1.0}),
+        ({"cpus_per_worker": 4}, {"CPU": 4.0}),
+        ({"use_gpu": True}, {"CPU": 1.0, "GPU": 1.0}),
+        ({"use_gpu": True, "gpus_per_worker": 0.25}, {"CPU": 1.0, "GPU": 0.25}),
+        ({"use_gpu": True, "gpus_per_worker": 2}, {"CPU": 1.0, "GPU": 2.0}),
+        (
+            {"resources_per_worker": {"TPU": 4, "accelerator_type:A100": 0.01}},
+            {"CPU": 1.0, "TPU": 4.0, "accelerator_type:A100": 0.01},
+        ),
+        ({"cpus_per_worker": 0, "use_gpu": True}, {"GPU": 1.0}),
+    ],
+)
+def test_worker_resources_are_one_bundle_in_rays_names(options: dict[str, Any], bundle: dict[str, float]) -> None:
+    assert LaunchOptions(workers=2, **options).worker_resources() == bundle
+
+
+amounts = st.one_of(st.just(0), st.integers(1, 16), st.floats(0.01, 64, allow_nan=False))
+gpu_amounts = st.one_of(st.none(), st.floats(0.01, 1.0), st.integers(1, 8), st.integers(1, 8).map(float))
+custom_resources = st.dictionaries(st.sampled_from(["TPU", "accelerator", "license", "node:head"]), amounts, max_size=3)
+
+
+@property_test
+@given(cpus=amounts, use_gpu=st.booleans(), gpus=gpu_amounts, resources=custom_resources)
+def test_worker_resources_hold_exactly_the_positive_amounts(
+    cpus: float, use_gpu: bool, gpus: float | None, resources: dict[str, float]
+) -> None:
+    assume(cpus > 0 or use_gpu or any(resources.values()))  # a worker reserving nothing is no valid launch
+    options = LaunchOptions(
+        workers=2,
+        cpus_per_worker=cpus,
+        use_gpu=use_gpu,
+        gpus_per_worker=gpus if use_gpu else None,
+        resources_per_worker=resources,
+    )
+
+    expected = {"CPU": float(cpus), **{name: float(amount) for name, amount in resources.items()}}
+    if use_gpu:
+        expected["GPU"] = 1.0 if gpus is None else float(gpus)
+    assert options.worker_resources() == {name: amount for name, amount in expected.items() if amount > 0}
+    assert all(isinstance(amount, float) for amount in options.worker_resources().values())
+
+
+@property_test
+@given(
+    cpus=amounts,
+    use_gpu=st.booleans(),
+    gpus=gpu_amounts,
+    resources=custom_resources,
+    strategy=st.sampled_from(PLACEMENT_STRATEGIES),
+)
+def test_every_valid_option_set_gives_a_placement_group_ray_accepts(
+    cpus: float, use_gpu: bool, gpus: float | None, resources: dict[str, float], strategy: str
+) -> None:
+    try:
+        options = LaunchOptions(
+            workers=2,
+            cpus_per_worker=cpus,
+            use_gpu=use_gpu,
+            gpus_per_worker=gpus if use_gpu else None,
+            resources_per_worker=resources,
+            placement_strategy=strategy,
+        )
+    except ConfigurationError:
+        return  # rejected up front, with a message: fine
+    # Ray's own validation of placement_group(...) arguments; it needs no running Ray.
+    validate_placement_group([options.worker_resources()] * options.workers, strategy=options.placement_strategy)
+
+
+def test_use_gpu_reserves_a_gpu_for_every_worker() -> None:
+    # A worker that asked for a GPU but reserved none would find no device at start-up.
+    try:
+        options = LaunchOptions(workers=2, use_gpu=True, gpus_per_worker=0)
+    except ConfigurationError as err:
+        assert "gpus_per_worker" in str(err)
+    else:
+        assert options.worker_resources().get("GPU", 0) > 0

@@ -1,0 +1,156 @@
+"""The driver's side of failures and repeated use: Ctrl-C, many fits in one process, trainers in parallel threads."""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import ray
+from ray.cluster_utils import Cluster
+from raylane import WorkerError, get_strategy
+from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader
+from raylane.testing.ray_state import live_raylane_actors, live_raylane_placement_groups
+
+
+def _trainer(root: Path, **flags: object) -> pl.Trainer:
+    return pl.Trainer(
+        strategy=get_strategy("ddp", workers=2),
+        default_root_dir=str(root),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        **{"max_epochs": 1, "enable_checkpointing": False, **flags},
+    )
+
+
+@pytest.fixture
+def shared_cluster() -> Iterator[str]:
+    """A Ray cluster that outlives the driver under test, so leftovers would be visible."""
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
+    ray.init(address=cluster.address)
+    yield cluster.address
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_on_the_driver_stops_workers(tmp_path: Path, shared_cluster: str) -> None:
+    script = tmp_path / "driver.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import pytorch_lightning as pl, ray
+            from raylane import get_strategy
+            from raylane.testing import ClassifierModel, make_loader
+
+            class Slow(ClassifierModel):
+                def training_step(self, batch, batch_idx):
+                    if batch_idx == 0:
+                        print("TRAINING", flush=True)
+                    import time; time.sleep(0.5)
+                    return super().training_step(batch, batch_idx)
+
+            ray.init(address={shared_cluster!r})
+            trainer = pl.Trainer(max_epochs=100, strategy=get_strategy("ddp", workers=2), logger=False,
+                                 enable_progress_bar=False, enable_checkpointing=False)
+            trainer.fit(Slow(), make_loader(8))
+            """
+        )
+    )
+    driver = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    assert driver.stdout is not None
+    seen = []
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:  # the worker's print reaches the driver's stdout through Ray's log relay
+        seen.append(driver.stdout.readline())
+        if "TRAINING" in seen[-1] or not seen[-1]:
+            break
+    assert live_raylane_actors(), "the workers should be running now:\n" + "".join(seen)
+    driver.send_signal(signal.SIGINT)
+    assert driver.wait(timeout=60) != 0
+    assert_released(timeout_s=30)
+
+
+@pytest.mark.timeout(300)
+def test_repeated_fit_and_test_leave_nothing_behind(tmp_path: Path) -> None:
+    ensure_local_ray()
+    peak_rss_kib = []
+    for _ in range(10):  # 20 entry points in all
+        trainer = _trainer(tmp_path)
+        model = ClassifierModel()
+        trainer.fit(model, make_loader(8))
+        trainer.test(model, make_loader(8))
+        del trainer
+        gc.collect()  # a Trainer that is gone releases its warm workers
+        peak_rss_kib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+    assert_released()
+    assert not live_raylane_placement_groups()
+    # The driver's memory settles after the first rounds instead of growing with every fit.
+    assert peak_rss_kib[-1] - peak_rss_kib[3] < 0.1 * peak_rss_kib[3], peak_rss_kib
+
+
+@pytest.mark.timeout(300)
+def test_trainers_in_parallel_threads_do_not_collide(tmp_path: Path) -> None:
+    ensure_local_ray()
+    errors: list[BaseException] = []
+    models = [ClassifierModel() for _ in range(2)]
+
+    def fit(index: int) -> None:
+        try:
+            _trainer(tmp_path / str(index), max_epochs=2).fit(models[index], make_loader(8))
+        except BaseException as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=fit, args=(index,)) for index in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=240)
+    assert not errors, errors
+    assert all(not thread.is_alive() for thread in threads)
+    assert_released()
+
+
+@pytest.mark.timeout(120)
+def test_exception_in_setup_reaches_driver(tmp_path: Path) -> None:
+    class BrokenSetup(ClassifierModel):
+        def setup(self, stage: str) -> None:
+            if self.global_rank == 1:
+                raise ValueError("bad setup on rank 1")
+
+    ensure_local_ray()
+    with pytest.raises(WorkerError, match="bad setup on rank 1") as info:
+        _trainer(tmp_path).fit(BrokenSetup(), make_loader(8))
+    assert info.value.rank == 1
+    assert_released()
+
+
+@pytest.mark.timeout(120)
+def test_exception_in_a_dataloader_worker_reaches_driver(tmp_path: Path) -> None:
+    ensure_local_ray()
+
+    class Exploding(ClassifierModel):
+        pass
+
+    loader = make_loader(8, num_workers=1, collate_fn=_explode_on_rank_collate)
+    with pytest.raises(WorkerError, match="collate exploded"):
+        _trainer(tmp_path).fit(Exploding(), loader)
+    assert_released()
+
+
+def _explode_on_rank_collate(batch: list) -> object:
+    raise RuntimeError(f"collate exploded in pid {os.getpid()}")
