@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raylane import environment, placement, topology
+from raylane import console, environment, placement, topology
 from raylane.context import WorkerContext
 from raylane.hookspecs import hookimpl
 from raylane.options import LaunchOptions
@@ -49,4 +49,9 @@ def raylane_assign_devices(
 
 @hookimpl
 def raylane_worker_env(context: WorkerContext) -> Mapping[str, str]:
-    return {**environment.forwarded_env(os.environ), **context.options.env, **environment.rank_env(context)}
+    return {
+        **console.terminal_env(),
+        **environment.forwarded_env(os.environ),
+        **context.options.env,
+        **environment.rank_env(context),
+    }

@@ -74,7 +74,7 @@ class WorkerGroup:
                     self.reservation.placement_group, placement_group_bundle_index=bundle_index
                 ),
             )
-            self.actors.append(worker_class.options(**actor_options).remote())
+            self.actors.append(worker_class.options(**actor_options).remote(rank))
         self.placements = self._gather([actor.describe.remote() for actor in self.actors])
         self._refresh_contexts()
         return self

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 import ray
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_info
 
-from raylane import _lightning, relay
+from raylane import _lightning, console, relay
 from raylane.errors import ConfigurationError, WorkerError
 from raylane.group import WorkerGroup
 from raylane.payload import GlobalTorchState, LaunchPayload, put_payload
@@ -147,7 +148,7 @@ class RayLauncher(_lightning.Launcher):
     def _on_message(self, host: BackendHost, trainer: pl.Trainer, topic: str, payload: Any) -> None:
         if topic == relay.CHECKPOINT_SAVED:
             self.last_checkpoint = payload
-        else:
+        elif not console.show(topic, payload):
             host.relay_metrics(trainer, topic, payload)
 
     def kill(self, signum: Any) -> None:
@@ -213,12 +214,8 @@ def _log_start(group: WorkerGroup) -> None:
     options = group.options
     nodes = {context.placement.node_id for context in group.contexts}
     devices = ", ".join(sorted({context.device for context in group.contexts}))
-    log.info(
-        "raylane: backend %s on %d worker(s) across %d node(s); %g CPU and %g GPU per worker; devices %s",
-        group.host.backend,
-        options.workers,
-        len(nodes),
-        options.cpus_per_worker,
-        options.gpus,
-        devices,
+    rank_zero_info(
+        f"raylane: {group.host.backend} backend on {options.workers} Ray worker(s) across {len(nodes)} node(s), "
+        f"placement {options.placement_strategy}; {options.cpus_per_worker:g} CPU and {options.gpus:g} GPU per "
+        f"worker; devices {devices}"
     )

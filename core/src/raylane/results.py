@@ -38,7 +38,7 @@ class RankZeroOutput:
     progress_bar_metrics: dict[str, Any]
     fit_loop_state: dict[str, Any] | None
     callback_states: dict[str, dict[str, Any]]
-    checkpoint_files: dict[str, bytes]
+    files: dict[str, bytes]  # checkpoints and logs, when the driver runs on another node
     extras: dict[str, Any] = field(default_factory=dict)
 
 
@@ -75,7 +75,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
         progress_bar_metrics=_to_cpu(dict(trainer.progress_bar_metrics)),
         fit_loop_state=trainer.fit_loop.state_dict() if fn == TrainerFn.FITTING else None,
         callback_states={cb.state_key: _to_cpu(cb.state_dict()) for cb in trainer.callbacks if cb.state_dict()},
-        checkpoint_files=_checkpoint_files(trainer) if context.placement.node_id != context.driver_node_id else {},
+        files=_files_for_driver(trainer) if context.placement.node_id != context.driver_node_id else {},
         extras=host.collect_results(trainer, context),
     )
     return output
@@ -92,7 +92,7 @@ def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost)
     trainer.progress_bar_metrics.update(output.progress_bar_metrics)
     if output.fit_loop_state is not None:
         trainer.fit_loop.load_state_dict(output.fit_loop_state)
-    for name, content in output.checkpoint_files.items():
+    for name, content in output.files.items():
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         Path(name).write_bytes(content)
     for callback in trainer.callbacks:
@@ -106,13 +106,16 @@ def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost)
     host.apply_results(trainer, output.extras)
 
 
-def _checkpoint_files(trainer: pl.Trainer) -> dict[str, bytes]:
-    """Bytes of the checkpoints rank 0 wrote, for a driver on another node (no shared filesystem assumed)."""
+def _files_for_driver(trainer: pl.Trainer) -> dict[str, bytes]:
+    """Bytes of the checkpoints and logs rank 0 wrote, for a driver on another node (no shared filesystem assumed)."""
     paths: set[str] = set()
     for callback in trainer.checkpoint_callbacks:
         if isinstance(callback, ModelCheckpoint):
             paths.update(str(p) for p in (callback.best_model_path, callback.last_model_path) if p)
             paths.update(str(p) for p in callback.best_k_models)
+    for logger in trainer.loggers:
+        if logger.log_dir and os.path.isdir(logger.log_dir):
+            paths.update(str(p) for p in Path(logger.log_dir).rglob("*") if p.is_file() and p.suffix != ".ckpt")
     return {os.path.abspath(path): Path(path).read_bytes() for path in sorted(paths) if os.path.isfile(path)}
 
 

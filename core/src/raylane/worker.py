@@ -9,7 +9,7 @@ from typing import Any
 
 import ray
 
-from raylane import relay
+from raylane import console, relay
 from raylane.context import WorkerContext
 from raylane.payload import LaunchPayload
 from raylane.registry import backend_host
@@ -20,8 +20,13 @@ from raylane.topology import WorkerPlacement
 class Worker:
     """One rank's process. Threaded (two threads): one runs the entry point, the other answers relay polls."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int) -> None:
+        self._rank = rank
         self._outbox = relay.Outbox()
+
+    def __repr__(self) -> str:
+        # Ray prefixes this actor's log lines with its repr: "(raylane rank 1 pid=...)".
+        return f"raylane rank {self._rank}"
 
     def describe(self) -> WorkerPlacement:
         runtime = ray.get_runtime_context()
@@ -63,7 +68,8 @@ class Worker:
         relay.activate(self._outbox if context.global_rank == 0 else None)
         try:
             payload.trainer.strategy.adopt_worker_context(context)  # type: ignore[attr-defined]
-            results = payload.function(*payload.args, **payload.kwargs)
+            with console.worker_console(context.global_rank):
+                results = payload.function(*payload.args, **payload.kwargs)
             return collect_output(payload.trainer, results, context, host)
         finally:
             relay.activate(None)
