@@ -1,0 +1,75 @@
+"""What the user sees on the driver: one progress bar, rank-prefixed warnings, logs where trainer.logger says."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import CSVLogger
+from raylane import get_strategy
+from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
+
+
+@pytest.mark.timeout(240)
+def test_one_progress_bar_and_rank_prefixed_warnings_on_the_driver(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import warnings
+            import pytorch_lightning as pl
+            from raylane import get_strategy
+            from raylane.testing import ClassifierModel, make_loader
+
+            class Chatty(ClassifierModel):
+                def training_step(self, batch, batch_idx):
+                    if batch_idx == 0 and self.current_epoch == 0:
+                        print(f"hello from rank {self.global_rank}", flush=True)
+                        if self.global_rank == 1:
+                            warnings.warn("careful on rank 1")
+                    return super().training_step(batch, batch_idx)
+
+            if __name__ == "__main__":
+                trainer = pl.Trainer(max_epochs=2, strategy=get_strategy("ddp", workers=2), logger=False,
+                                     enable_checkpointing=False, enable_model_summary=False)
+                trainer.fit(Chatty(), make_loader(8))
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "Epoch 1: 100%" in out, out[-2000:]  # rank 0's Lightning progress bar, drawn on the driver
+    assert "hello from rank 0" in out and "(raylane rank 0" not in out  # rank 0's prints arrive unprefixed
+    rank1_lines = [line for line in out.splitlines() if "hello from rank 1" in line]
+    assert all("raylane rank 1" in line for line in rank1_lines), rank1_lines  # other ranks' prints carry their rank
+    everything = out + result.stderr
+    warning_lines = [line for line in everything.splitlines() if "careful on rank 1" in line]
+    assert warning_lines and all("raylane rank 1" in line for line in warning_lines), warning_lines
+    assert everything.count("Epoch 1: 100%") == out.count("Epoch 1: 100%"), "one bar only, on stdout"
+
+
+@pytest.mark.timeout(120)
+def test_logger_writes_where_the_driver_trainer_points(tmp_path: Path) -> None:
+    ensure_local_ray()
+    trainer = pl.Trainer(
+        strategy=get_strategy("ddp", workers=2),
+        max_epochs=2,
+        logger=CSVLogger(str(tmp_path)),
+        log_every_n_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ClassifierModel(), make_loader(8))
+    metrics = Path(trainer.logger.log_dir) / "metrics.csv"
+    assert metrics.is_file(), f"rank 0 should have logged into {trainer.logger.log_dir}"
+    assert "train_loss" in metrics.read_text().splitlines()[0]
+    assert Path(trainer.checkpoint_callback.best_model_path).parent.parent == Path(trainer.logger.log_dir)
