@@ -109,7 +109,7 @@ def plain_trainer(**flags: Any) -> pl.Trainer:
 
 
 def ray_trainer(workers: int, engine: str, root: Path, **flags: Any) -> pl.Trainer:
-    strategy = get_strategy("sharded", workers=workers, engine=engine)
+    strategy = get_strategy("sharded", workers=workers, engine=engine, idle_timeout=0)  # the next fit needs the CPUs
     return pl.Trainer(strategy=strategy, default_root_dir=str(root), **SAME_STEPS, **QUIET, **flags)
 
 
@@ -260,7 +260,7 @@ def ddp_weights(initial_weights: dict[str, torch.Tensor], tmp_path_factory: pyte
         pytest.skip("the ddp backend (raylane-ddp) is not installed here; `pip install -e backends/ddp` to compare")
     ensure_local_ray()
     model = fresh_model(initial_weights)
-    strategy = get_strategy("ddp", workers=2)
+    strategy = get_strategy("ddp", workers=2, idle_timeout=0)
     root = tmp_path_factory.mktemp("ddp")
     pl.Trainer(strategy=strategy, default_root_dir=str(root), enable_checkpointing=False, **SAME_STEPS, **QUIET).fit(
         model, distributed_loader(2)

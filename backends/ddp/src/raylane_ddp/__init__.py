@@ -24,7 +24,9 @@ DDP_OPTIONS: Mapping[str, str] = {
     "ddp_comm_state": "Lightning DDPStrategy: state for the communication hook",
     "ddp_comm_wrapper": "Lightning DDPStrategy: wrapper for the communication hook (e.g. fp16 compression)",
     "model_averaging_period": "Lightning DDPStrategy: period for post-local SGD model averaging",
+    "process_group_backend": "'nccl' or 'gloo'; default nccl on GPUs, gloo on CPUs (gloo lets workers share a GPU)",
 }
+PROCESS_GROUP_BACKENDS = ("nccl", "gloo")
 
 
 @hookimpl
@@ -46,12 +48,23 @@ def raylane_setup_process_group(context: WorkerContext) -> None:
     if dist.is_initialized():  # a previous entry point in this process failed before its teardown
         dist.destroy_process_group()
     dist.init_process_group(
-        backend="nccl" if context.uses_gpu else "gloo",
+        backend=process_group_backend(context.backend_options.get("process_group_backend"), context.uses_gpu),
         init_method=context.init_method,
         rank=context.global_rank,
         world_size=context.world_size,
         timeout=timedelta(seconds=context.options.collective_timeout),
     )
+
+
+def process_group_backend(requested: str | None, uses_gpu: bool) -> str:
+    """The torch.distributed backend: what the user asked for, else nccl on GPUs and gloo on CPUs."""
+    if requested is None:
+        return "nccl" if uses_gpu else "gloo"
+    if requested not in PROCESS_GROUP_BACKENDS:
+        raise ValueError(f"process_group_backend={requested!r}; use one of {', '.join(PROCESS_GROUP_BACKENDS)}.")
+    if requested == "nccl" and not uses_gpu:
+        raise ValueError("process_group_backend='nccl' needs GPUs; pass use_gpu=True or use 'gloo'.")
+    return requested
 
 
 @hookimpl

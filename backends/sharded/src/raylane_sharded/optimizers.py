@@ -1,4 +1,5 @@
-"""What sharded optimizers need from the one a LightningModule configured, and how its schedulers keep working."""
+"""Sharded optimizers from the ones a LightningModule configured: how they are built, how the LR schedulers keep
+driving them, and how much optimizer state each process holds."""
 
 from __future__ import annotations
 
@@ -12,6 +13,11 @@ def same_optimizer_kwargs(optimizer: Optimizer) -> dict[str, Any]:
     """Constructor arguments that rebuild ``optimizer``'s class with its hyperparameters (torch keeps them in
     ``defaults``, one entry per constructor argument)."""
     return dict(optimizer.defaults)
+
+
+def has_parameters(optimizer: Optimizer) -> bool:
+    """False for Lightning's stand-in when ``configure_optimizers`` returns none: there is nothing to shard."""
+    return any(group["params"] for group in optimizer.param_groups)
 
 
 def share_param_groups(configured: Optimizer, sharded: Optimizer) -> None:

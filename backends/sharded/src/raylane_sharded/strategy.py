@@ -19,7 +19,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 
 from raylane_sharded.engines import ShardingEngine, resolve_engine
-from raylane_sharded.optimizers import share_param_groups
+from raylane_sharded.optimizers import has_parameters, share_param_groups
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -74,7 +74,10 @@ class RayShardedStrategy(RayStrategyMixin, DDPStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         self._configured_optimizers = list(self.optimizers)
-        sharded = [self.engine.shard_optimizer(optimizer) for optimizer in self._configured_optimizers]
+        sharded = [
+            self.engine.shard_optimizer(optimizer) if has_parameters(optimizer) else optimizer
+            for optimizer in self._configured_optimizers
+        ]
         for configured, shard in zip(self._configured_optimizers, sharded):
             share_param_groups(configured, shard)
         self.optimizers = sharded

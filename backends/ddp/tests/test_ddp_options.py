@@ -1,0 +1,56 @@
+"""DDP-specific options: pass-through to DistributedDataParallel and the process-group backend choice."""
+
+from __future__ import annotations
+
+import pytest
+import pytorch_lightning as pl
+from raylane import ConfigurationError, get_strategy
+from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
+from raylane_ddp import process_group_backend
+from torch.nn.parallel import DistributedDataParallel
+
+
+class ReportsDDP(ClassifierModel):
+    def on_train_start(self) -> None:
+        ddp = self.trainer.strategy.model
+        assert isinstance(ddp, DistributedDataParallel)
+        self.log("find_unused", float(ddp.find_unused_parameters), rank_zero_only=True)
+        self.log("bucket_mib", ddp.bucket_bytes_cap / 2**20, rank_zero_only=True)
+
+
+@pytest.mark.timeout(120)
+def test_ddp_options_reach_distributed_data_parallel() -> None:
+    ensure_local_ray()
+    strategy = get_strategy("ddp", workers=2, find_unused_parameters=True, bucket_cap_mb=5)
+    trainer = pl.Trainer(
+        strategy=strategy,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ReportsDDP(), make_loader(8))
+    assert trainer.callback_metrics["find_unused"] == 1.0
+    assert trainer.callback_metrics["bucket_mib"] == 5.0
+    strategy.release_workers()
+
+
+@pytest.mark.parametrize(
+    ("requested", "uses_gpu", "expected"),
+    [(None, False, "gloo"), (None, True, "nccl"), ("gloo", True, "gloo"), ("nccl", True, "nccl")],
+)
+def test_process_group_backend_defaults_and_choices(requested: str | None, uses_gpu: bool, expected: str) -> None:
+    assert process_group_backend(requested, uses_gpu) == expected
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"process_group_backend": "mpi"}, "nccl, gloo"),
+        ({"process_group_backend": "nccl"}, "needs GPUs"),
+    ],
+)
+def test_bad_process_group_backend_fails_before_any_actor(options: dict, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        get_strategy("ddp", workers=2, **options)
