@@ -154,3 +154,32 @@ def test_exception_in_a_dataloader_worker_reaches_driver(tmp_path: Path) -> None
 
 def _explode_on_rank_collate(batch: list) -> object:
     raise RuntimeError(f"collate exploded in pid {os.getpid()}")
+
+
+@pytest.mark.timeout(180)
+def test_an_idle_trainer_never_blocks_the_next_one(tmp_path: Path) -> None:
+    """The first Trainer keeps its warm workers (all the CPUs); a second one must not wait for them."""
+    ensure_local_ray()
+    cpus = int(ray.cluster_resources()["CPU"])
+    first = pl.Trainer(
+        strategy=get_strategy("ddp", workers=2, cpus_per_worker=cpus // 2),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    first.fit(ClassifierModel(), make_loader(8))
+    second = pl.Trainer(
+        strategy=get_strategy("ddp", workers=2, cpus_per_worker=cpus // 2, resource_timeout=20),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    second.fit(ClassifierModel(), make_loader(8))  # would raise ResourceError after 20 s if first still held them
+    first.test(ClassifierModel(), make_loader(8))  # and the first Trainer still works: it starts workers again
+    first.strategy.release_workers()
+    second.strategy.release_workers()
+    assert_released()

@@ -49,6 +49,7 @@ def test_process_group_backend_defaults_and_choices(requested: str | None, uses_
     [
         ({"process_group_backend": "mpi"}, "nccl, gloo"),
         ({"process_group_backend": "nccl"}, "needs GPUs"),
+        ({"use_gpu": True, "gpus_per_worker": 0.5}, "process_group_backend='gloo'"),
     ],
 )
 def test_bad_process_group_backend_fails_before_any_actor(options: dict, message: str) -> None:

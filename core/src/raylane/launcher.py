@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Every launcher in this process, so a new run can release other Trainers' idle warm workers.
+_LAUNCHERS: weakref.WeakSet[RayLauncher] = weakref.WeakSet()
+
 
 class RayLauncher(_lightning.Launcher):
     """Runs each Trainer entry point (fit, validate, test, predict) on the strategy's Ray worker actors.
@@ -40,6 +43,7 @@ class RayLauncher(_lightning.Launcher):
     """
 
     def __init__(self, strategy: RayStrategyMixin) -> None:
+        _LAUNCHERS.add(self)
         self._strategy = strategy
         self._group: WorkerGroup | None = None
         self._finalizer: weakref.finalize | None = None
@@ -117,6 +121,10 @@ class RayLauncher(_lightning.Launcher):
         if self._group is not None and self._group.is_alive():
             return self._group
         self.release()
+        # Warm workers never block new work: idle groups of this driver's other Trainers make room first.
+        for launcher in list(_LAUNCHERS):
+            if launcher is not self and not launcher._busy:
+                launcher.release()
         group = WorkerGroup(host, self._strategy.launch_options, self._strategy.backend_options)
         self._group = group
         self._finalizer = weakref.finalize(self, group.shutdown)
@@ -163,6 +171,7 @@ class RayLauncher(_lightning.Launcher):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
+        _LAUNCHERS.add(self)
 
 
 def _release_if_idle(launcher_ref: weakref.ref[RayLauncher]) -> None:

@@ -20,13 +20,17 @@ class RayDDPStrategy(RayStrategyMixin, DDPStrategy):
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
         ddp_options = self.init_ray_options({"workers": workers, **options})
-        requested = ddp_options.get("process_group_backend")
-        if requested is not None:
-            # Validate now, before any actor starts; the workers apply it in raylane_setup_process_group.
-            try:
-                process_group_backend(requested, self.launch_options.use_gpu)
-            except ValueError as err:
-                raise ConfigurationError(str(err)) from None
+        # Validate now, before any actor starts; the workers apply it in raylane_setup_process_group.
+        try:
+            chosen = process_group_backend(ddp_options.get("process_group_backend"), self.launch_options.use_gpu)
+        except ValueError as err:
+            raise ConfigurationError(str(err)) from None
+        if chosen == "nccl" and self.launch_options.gpus < 1:
+            raise ConfigurationError(
+                f"gpus_per_worker={self.launch_options.gpus:g} puts several workers on one GPU, and NCCL refuses two "
+                "ranks on one device (measured on an H100: ncclInvalidUsage). Pass process_group_backend='gloo' to "
+                "share GPUs, or whole GPUs per worker."
+            )
         super().__init__(
             cluster_environment=RayClusterEnvironment(),
             timeout=timedelta(seconds=self.launch_options.collective_timeout),

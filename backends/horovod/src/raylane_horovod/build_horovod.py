@@ -110,11 +110,15 @@ def download_sdist(workdir: Path) -> Path:
     sdist = workdir / SDIST_NAME
     if not sdist.is_file():
         sys.exit(f"[build_horovod] pip download did not produce {SDIST_NAME}")
+    verify_sdist(sdist)
+    return sdist
+
+
+def verify_sdist(sdist: Path) -> None:
     actual = sha256_of(sdist)
     if actual != SDIST_SHA256:
-        sys.exit(f"[build_horovod] sha256 mismatch for {SDIST_NAME}: expected {SDIST_SHA256}, got {actual}")
-    log(f"{SDIST_NAME}: sha256 ok")
-    return sdist
+        sys.exit(f"[build_horovod] sha256 mismatch for {sdist.name}: expected {SDIST_SHA256}, got {actual}")
+    log(f"{sdist.name}: sha256 ok")
 
 
 def unpack(sdist: Path, workdir: Path) -> Path:

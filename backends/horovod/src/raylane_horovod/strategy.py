@@ -42,6 +42,8 @@ REDUCE_OPS = {"mean": "Average", "avg": "Average", "sum": "Sum", "max": "Max", "
 # Names of torch's ReduceOp members, for Lightning callers that pass those instead of strings.
 TORCH_REDUCE_OPS = {"SUM": "sum", "AVG": "avg", "MAX": "max", "MIN": "min", "PRODUCT": "product"}
 BROADCAST_NAME = "raylane.broadcast"
+# The methods hvd.DistributedOptimizer adds or overrides (``step`` is LightningOptimizer's own).
+HOROVOD_OPTIMIZER_METHODS = ("zero_grad", "load_state_dict", "synchronize", "skip_synchronize", "set_backward_passes_per_step")
 
 
 class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
@@ -53,6 +55,8 @@ class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
     def __init__(self, workers: int = 2, **options: Any) -> None:
         horovod_options = self.init_ray_options({"workers": workers, **options})
         self.optimizer_settings = OptimizerSettings.from_options(horovod_options)
+        self._horovod_optimizers: list[Optimizer] = []
+        self._accumulating = False
         super().__init__(cluster_environment=RayClusterEnvironment())
         self._horovod_optimizers: list[Optimizer] = []
         self._accumulating = False
@@ -72,6 +76,29 @@ class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
         self.model.to(self.root_device)
 
     # -- training ----------------------------------------------------------------------------------------------------
+
+    @property
+    def optimizers(self) -> list[Optimizer]:
+        return ParallelStrategy.optimizers.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    @optimizers.setter
+    def optimizers(self, optimizers: list[Optimizer]) -> None:
+        ParallelStrategy.optimizers.fset(self, optimizers)  # type: ignore[attr-defined]
+        if any(optimizer in self._horovod_optimizers for optimizer in optimizers):
+            self._route_horovod_methods()
+
+    def _route_horovod_methods(self) -> None:
+        """Make Horovod's optimizer methods work on the ``LightningOptimizer`` that ``self.optimizers()`` returns.
+
+        ``LightningOptimizer`` imitates an optimizer by subclassing its class, and Horovod's methods call
+        ``super(self.__class__, self)``, which on such a subclass calls the same method again, forever. Each
+        ``LightningOptimizer`` gets these methods bound to the Horovod optimizer it wraps instead.
+        """
+        assert self.lightning_module is not None
+        wrappers = self.lightning_module.optimizers()
+        for wrapper in wrappers if isinstance(wrappers, list) else [wrappers]:
+            for name in HOROVOD_OPTIMIZER_METHODS:
+                setattr(wrapper, name, getattr(wrapper.optimizer, name))
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)
@@ -150,28 +177,38 @@ class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
         if group is not None:
             raise ValueError("The horovod backend reduces over all workers only; process groups are not supported.")
         op = _horovod_op(reduce_op)
-        if op is hvd.Average and not torch.is_floating_point(tensor):
-            tensor = tensor.to(torch.get_default_dtype())
-        return hvd.allreduce(tensor, op=op)
+        with _outside_inference_mode():
+            tensor = tensor.clone()
+            if op is hvd.Average and not torch.is_floating_point(tensor):
+                tensor = tensor.to(torch.get_default_dtype())
+            return hvd.allreduce(tensor, op=op)
 
     def all_gather(self, tensor: Tensor, group: Any | None = None, sync_grads: bool = False) -> Tensor:
         """Every worker's ``tensor``, stacked along a new first dimension (as Lightning's DDP strategy returns it)."""
         if group is not None:
             raise ValueError("The horovod backend gathers over all workers only; process groups are not supported.")
-        if sync_grads:
-            return hvd.allgather(tensor.unsqueeze(0))  # type: ignore[no-any-return]
-        with torch.no_grad():
+        with _outside_inference_mode(), torch.set_grad_enabled(sync_grads and torch.is_grad_enabled()):
             return hvd.allgather(tensor.unsqueeze(0))  # type: ignore[no-any-return]
 
     def broadcast(self, obj: Any, src: int = 0) -> Any:
         if not hvd.is_initialized():
             return obj
         # An explicit name: Horovod's default is the object's type, which differs on ranks that pass a placeholder.
-        return hvd.broadcast_object(obj, root_rank=src, name=BROADCAST_NAME)
+        with _outside_inference_mode():
+            return hvd.broadcast_object(obj, root_rank=src, name=BROADCAST_NAME)
 
     def barrier(self, name: str | None = None) -> None:
         if hvd.is_initialized():
             hvd.barrier()
+
+
+@contextmanager
+def _outside_inference_mode() -> Generator[None, None, None]:
+    """Lightning validates and tests under ``torch.inference_mode``. Horovod fills its output tensors from its own
+    background thread, where writing into a tensor made in inference mode is an error, so collectives make theirs
+    outside it (clones of inference-mode inputs are ordinary tensors)."""
+    with torch.inference_mode(False):
+        yield
 
 
 def _horovod_op(reduce_op: ReduceOp | str | None) -> Any:

@@ -1,0 +1,186 @@
+"""Horovod training against references, beyond the conformance suite.
+
+- Adam with a step LR schedule, gradient clipping by norm and gradient accumulation: the same weights as one process
+  with the union batch and as the ddp backend, from the same initial weights. Clipping must see averaged gradients
+  and accumulation must defer the allreduce to the last micro-batch.
+- Two optimizers with two LR schedulers (manual optimization): the same weights as one process.
+- The options reach Horovod: ``op="sum"`` adds the workers' gradients (one process with twice the learning rate).
+- Collectives and logging on the workers: ``sync_dist`` means, all_gather, broadcast, reduce, boolean decisions,
+  Horovod's ranks and environment, across two entry points on the same warm workers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from raylane import get_strategy, list_backends
+from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset, make_loader
+from torch import nn
+from torch.utils.data import DataLoader
+
+hvd = pytest.importorskip("horovod.torch", reason="Horovod is not installed; see backends/horovod/README.md")
+
+SAMPLES = 128
+GLOBAL_BATCH = 32
+WORKERS = 2
+TOLERANCE = 1e-6
+QUIET: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+
+
+@pytest.fixture(autouse=True)
+def _ray() -> None:
+    ensure_local_ray()
+
+
+class ScheduledClassifier(ClassifierModel):
+    """Adam whose learning rate halves every epoch."""
+
+    def configure_optimizers(self) -> Any:
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+class TwoOptimizerClassifier(ClassifierModel):
+    """Two heads, each with its own optimizer and LR schedule, stepped by hand (Lightning's multi-optimizer way)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = nn.Linear(8, 3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        sgd, adam = self.optimizers()  # type: ignore[misc]
+        for optimizer, head in ((sgd, self.layer), (adam, self.other)):
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(head(inputs), targets))
+            optimizer.step()
+
+    def on_train_epoch_end(self) -> None:
+        for scheduler in self.lr_schedulers():  # type: ignore[union-attr]
+            scheduler.step()
+
+    def configure_optimizers(self) -> Any:
+        sgd = torch.optim.SGD(self.layer.parameters(), lr=0.1, momentum=0.9)
+        adam = torch.optim.Adam(self.other.parameters(), lr=0.01)
+        schedules = [
+            torch.optim.lr_scheduler.StepLR(sgd, 1, gamma=0.5),
+            torch.optim.lr_scheduler.ExponentialLR(adam, 0.7),
+        ]
+        return [sgd, adam], schedules
+
+
+def fit_distributed(model: pl.LightningModule, backend: str, root: Path, **flags: Any) -> dict[str, torch.Tensor]:
+    strategy = get_strategy(backend, workers=WORKERS, idle_timeout=0)  # the next fit needs the CPUs
+    trainer = pl.Trainer(strategy=strategy, default_root_dir=str(root), enable_checkpointing=False, **QUIET, **flags)
+    trainer.fit(model, DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH // WORKERS))
+    return model.state_dict()
+
+
+def fit_reference(model: pl.LightningModule, **flags: Any) -> dict[str, torch.Tensor]:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, enable_checkpointing=False, **QUIET, **flags)
+    loader = DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH, sampler=ReferenceSampler(SAMPLES))
+    trainer.fit(model, loader)
+    return model.state_dict()
+
+
+def copy_of(model: pl.LightningModule, factory: Any = None) -> pl.LightningModule:
+    twin = (factory or type(model))()
+    twin.load_state_dict(model.state_dict())
+    return twin
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(
+            actual[name], value, atol=TOLERANCE, rtol=0, msg=lambda m, n=name: f"{what}, {n}: {m}"
+        )
+
+
+SCHEDULED_FLAGS: dict[str, Any] = {"max_epochs": 2, "gradient_clip_val": 0.05, "accumulate_grad_batches": 2}
+
+
+def test_clipped_accumulated_scheduled_adam_matches_one_process_and_ddp(tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    model = ScheduledClassifier()
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    reference = fit_reference(copy_of(model), **SCHEDULED_FLAGS)
+    horovod = fit_distributed(model, "horovod", tmp_path / "horovod", **SCHEDULED_FLAGS)
+    assert not torch.equal(horovod["layer.weight"], initial["layer.weight"])
+    assert_same_weights(horovod, reference, "horovod vs one process")
+    if "ddp" not in {backend.name for backend in list_backends()}:
+        pytest.skip("the ddp backend (raylane-ddp) is not installed here; `pip install -e backends/ddp` to compare")
+    ddp_model = ScheduledClassifier()
+    ddp_model.load_state_dict(initial)
+    ddp = fit_distributed(ddp_model, "ddp", tmp_path / "ddp", **SCHEDULED_FLAGS)
+    assert_same_weights(horovod, ddp, "horovod vs ddp")
+
+
+def test_two_optimizers_with_schedulers_match_one_process(tmp_path: Path) -> None:
+    torch.manual_seed(5)
+    model = TwoOptimizerClassifier()
+    reference = fit_reference(copy_of(model), max_epochs=2)
+    assert_same_weights(fit_distributed(model, "horovod", tmp_path, max_epochs=2), reference, "two optimizers")
+
+
+def test_op_sum_adds_the_workers_gradients(tmp_path: Path) -> None:
+    torch.manual_seed(3)
+    model = ClassifierModel(lr=0.05)
+    reference = fit_reference(copy_of(model, lambda: ClassifierModel(lr=0.05 * WORKERS)), max_epochs=1)
+    strategy = get_strategy("horovod", workers=WORKERS, op="sum", idle_timeout=0)
+    trainer = pl.Trainer(strategy=strategy, default_root_dir=str(tmp_path), max_epochs=1, **QUIET)
+    trainer.fit(model, DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH // WORKERS))
+    assert_same_weights(model.state_dict(), reference, "op='sum' vs twice the learning rate")
+
+
+class CollectivesReport(ClassifierModel):
+    """Every rank runs each collective at the end of validation and writes what it got."""
+
+    def on_validation_epoch_end(self) -> None:
+        strategy = self.trainer.strategy
+        rank = self.global_rank
+        self.log("rank_mean", float(rank), sync_dist=True)
+        report = {
+            "pid": os.getpid(),
+            "horovod": [hvd.rank(), hvd.size(), hvd.local_rank(), hvd.cross_size()],
+            "env": {name: value for name, value in os.environ.items() if name.startswith("HOROVOD_")},
+            "gathered": self.all_gather(torch.tensor([rank, 10 * rank])).tolist(),
+            "broadcast": strategy.broadcast({"from": rank}, src=1),
+            "sum": strategy.reduce(torch.tensor(rank + 1.0), reduce_op="sum").item(),
+            "max": strategy.reduce(torch.tensor(rank + 1.0), reduce_op="max").item(),
+            "int_mean": strategy.reduce(torch.tensor(rank + 1)).item(),
+            "all_agree": strategy.reduce_boolean_decision(rank == 0),
+            "any_agrees": strategy.reduce_boolean_decision(rank == 0, all=False),
+        }
+        strategy.barrier()
+        run = len(list(Path(self.hparams.report_dir).glob(f"*-rank{rank}.json")))
+        (Path(self.hparams.report_dir) / f"run{run}-rank{rank}.json").write_text(json.dumps(report))
+
+
+def test_collectives_and_sync_dist_logging_across_entry_points(tmp_path: Path) -> None:
+    model = CollectivesReport(report_dir=str(tmp_path))
+    strategy = get_strategy("horovod", workers=WORKERS, collective_timeout=60)
+    trainer = pl.Trainer(strategy=strategy, default_root_dir=str(tmp_path), **QUIET)
+    for _ in range(2):  # the second entry point re-initialises Horovod on the same warm workers
+        [metrics] = trainer.validate(model, make_loader(8))
+        assert metrics["rank_mean"] == pytest.approx(0.5)
+    strategy.release_workers()  # type: ignore[attr-defined]
+    reports = {path.stem: json.loads(path.read_text()) for path in tmp_path.glob("run*-rank*.json")}
+    assert sorted(reports) == ["run0-rank0", "run0-rank1", "run1-rank0", "run1-rank1"]
+    assert reports["run0-rank0"]["pid"] == reports["run1-rank0"]["pid"], "the same warm worker ran both"
+    for name, report in reports.items():
+        rank = int(name[-1])
+        assert report["horovod"] == [rank, WORKERS, rank, 1]
+        assert report["env"]["HOROVOD_CONTROLLER"] == "gloo"
+        assert report["env"]["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "48"  # 60 s minus two 6 s checks
+        assert report["gathered"] == [[0, 0], [1, 10]]
+        assert report["broadcast"] == {"from": 1}
+        assert (report["sum"], report["max"], report["int_mean"]) == (3.0, 2.0, 1.5)
+        assert (report["all_agree"], report["any_agrees"]) == (False, True)
