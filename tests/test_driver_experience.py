@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger
+
 from raylane import get_strategy
 from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
 

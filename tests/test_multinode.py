@@ -10,12 +10,12 @@ import pytorch_lightning as pl
 import ray
 import torch
 from ray.cluster_utils import Cluster
+
 from raylane import get_strategy
 from raylane.group import WorkerGroup
 from raylane.options import LaunchOptions
 from raylane.registry import backend_host
 from raylane.testing import ClassifierModel, assert_released, make_loader
-
 from tests.conftest import read_reports
 
 pytestmark = pytest.mark.timeout(300)

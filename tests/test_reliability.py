@@ -18,6 +18,7 @@ import pytest
 import pytorch_lightning as pl
 import ray
 from ray.cluster_utils import Cluster
+
 from raylane import WorkerError, get_strategy
 from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader
 from raylane.testing.ray_state import live_raylane_actors, live_raylane_placement_groups

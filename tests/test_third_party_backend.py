@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+
 from raylane import list_backends
 from raylane.testing import BackendConformance, ClassifierModel, make_loader
 from raylane.testing.ray_state import ensure_local_ray

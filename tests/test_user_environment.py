@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+
 from raylane import get_strategy
 from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
-
 from tests.conftest import read_reports
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import pytest
+
 from raylane.registry import BACKENDS_GROUP, EXTENSIONS_GROUP
 
 

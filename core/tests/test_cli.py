@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
 from raylane import list_backends
 from raylane.cli import main
 

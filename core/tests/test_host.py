@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
+
 from raylane import BackendLoadError, LaunchOptions, WorkerContext, hookimpl
 from raylane.host import BackendHost
 from raylane.placement import WorkerReservation

@@ -12,8 +12,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.strategies.launchers.launcher import _Launcher
-from raylane import _lightning
 from torch.utils.data import DataLoader, TensorDataset
+
+from raylane import _lightning
 
 
 def test_launcher_interface_is_what_the_ray_launcher_implements() -> None:

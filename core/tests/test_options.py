@@ -10,6 +10,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from ray.util.placement_group import validate_placement_group
+
 from raylane import ConfigurationError
 from raylane.options import LAUNCH_OPTION_NAMES, PLACEMENT_STRATEGIES, LaunchOptions, split_options
 

@@ -10,8 +10,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from raylane.payload import GlobalTorchState, find_unpicklable
 from torch import nn
+
+from raylane.payload import GlobalTorchState, find_unpicklable
 
 
 class WithLock(nn.Module):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from raylane import ResourceError
 from raylane.placement import check_can_ever_fit
 

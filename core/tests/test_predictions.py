@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from raylane.predictions import join_samples, merge_predictions, split_batch
 
 property_test = settings(max_examples=50, deadline=None)

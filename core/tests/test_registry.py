@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 from pytorch_lightning.strategies import StrategyRegistry
+
 from raylane import BackendConflictError, BackendInfo, BackendLoadError, BackendNotFoundError, list_backends
 from raylane.api import register_with_lightning
 from raylane.registry import KNOWN_BACKENDS, backend_host, discover, load_extensions, load_plugin

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from raylane.topology import DeviceAssignment, WorkerPlacement, assign_devices, assign_ranks
 
 NODE_IDS = ("node-a", "node-b", "node-c", "node-d")

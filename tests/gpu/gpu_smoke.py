@@ -20,6 +20,7 @@ from typing import Any
 import pytorch_lightning as pl
 import ray
 import torch
+
 from raylane import get_strategy
 from raylane.testing import ClassifierModel, make_loader
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import pytorch_lightning as pl
+from torch.nn.parallel import DistributedDataParallel
+
 from raylane import ConfigurationError, get_strategy
 from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
 from raylane_ddp import process_group_backend
-from torch.nn.parallel import DistributedDataParallel
 
 
 class ReportsDDP(ClassifierModel):

@@ -10,7 +10,6 @@ from raylane import hookimpl
 
 if TYPE_CHECKING:
     from raylane import WorkerContext
-
     from raylane_ddp.strategy import RayDDPStrategy
 
 # Passed through to torch's DistributedDataParallel (and Lightning's DDPStrategy for the comm-hook ones).

@@ -6,9 +6,9 @@ from datetime import timedelta
 from typing import Any, ClassVar
 
 from pytorch_lightning.strategies import DDPStrategy
+
 from raylane.errors import ConfigurationError
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
-
 from raylane_ddp import process_group_backend
 
 

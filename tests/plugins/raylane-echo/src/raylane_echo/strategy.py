@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from pytorch_lightning.strategies import DDPStrategy
+
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 
 
