@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+
 from raylane import BackendLoadError, ConfigurationError, get_strategy
 from raylane_sharded import ENGINE_OPTIONS, ENGINES
 from raylane_sharded.strategy import RayShardedStrategy

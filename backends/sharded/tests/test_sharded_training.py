@@ -19,10 +19,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
 from raylane import get_strategy, list_backends
 from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset
 from raylane_sharded.optimizers import local_state_bytes
-from torch.utils.data import DataLoader
 
 pytestmark = pytest.mark.timeout(600)
 

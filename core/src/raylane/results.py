@@ -57,7 +57,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
     """Run on every worker after the entry point; rank 0 includes the Trainer's state."""
     fn = trainer.state.fn
     # Every rank computes the state dict: torchmetrics may synchronise across ranks inside it.
-    state_dict = _to_cpu(trainer.lightning_module.state_dict()) if fn == TrainerFn.FITTING else None
+    state_dict = _to_cpu(trainer.strategy.lightning_module_state_dict()) if fn == TrainerFn.FITTING else None
     output = WorkerOutput(rank=context.global_rank)
     if fn == TrainerFn.PREDICTING and results is not None:
         output.predictions = _per_dataloader(_to_cpu(results), len(_lightning.predict_batch_indices(trainer)))

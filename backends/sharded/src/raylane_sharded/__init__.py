@@ -11,12 +11,10 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from raylane import hookimpl
-
 from raylane_sharded.engines import DEFAULT_ENGINE, ENGINE_OPTIONS, ENGINES
 
 if TYPE_CHECKING:
     from raylane import WorkerContext
-
     from raylane_sharded.strategy import RayShardedStrategy
 
 __all__ = ["DEFAULT_ENGINE", "ENGINES", "ENGINE_OPTIONS"]

@@ -2,9 +2,9 @@
 
 Lightning 2 removed its FairScale strategies, so this one carries the sharding itself, through public Lightning hooks
 only: ``setup_optimizers`` replaces each configured optimizer with its sharded twin (and, for FairScale, wraps the
-module in ShardedDataParallel, which needs those optimizers), ``configure_ddp`` leaves the module to that wrapper,
-and checkpoints go through Lightning's ``optimizer_state``, which consolidates a sharded optimizer's state on rank 0
-(a collective every rank joins) into an ordinary torch optimizer state dict.
+module in ShardedDataParallel, which needs those optimizers; the zero engine keeps Lightning's own DDP wrapping in
+``configure_ddp``), and checkpoints go through Lightning's ``optimizer_state``, which consolidates a sharded
+optimizer's state on rank 0 (a collective every rank joins) into an ordinary torch optimizer state dict.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.trainer.states import TrainerFn
-from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 
+from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_sharded.engines import ShardingEngine, resolve_engine
 from raylane_sharded.optimizers import has_parameters, share_param_groups
 
@@ -56,7 +56,7 @@ class RayShardedStrategy(RayStrategyMixin, DDPStrategy):
         return self._engine
 
     def __getstate__(self) -> dict[str, Any]:
-        # The engine holds live references only when built; rebuild it from the options wherever this lands.
+        # A built engine and the configured optimizers belong to the process that made them; a copy rebuilds its own.
         return {**super().__getstate__(), "_engine": None, "_configured_optimizers": []}
 
     def setup(self, trainer: pl.Trainer) -> None:
