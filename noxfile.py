@@ -17,7 +17,7 @@ TEST_PLUGINS = ["tests/plugins/raylane-echo"]
 PYTEST = ["pytest", "-q", "-p", "no:cacheprovider"]
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "core", "backend", "integration"]
+nox.options.sessions = ["lint", "core", "backend", "integration", "tune"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -46,6 +46,8 @@ def core(session: nox.Session) -> None:
 def backend(session: nox.Session, name: str) -> None:
     """One backend alone: its own tests, which include the core's conformance suite."""
     _install_core(session, "-e", f"backends/{name}")
+    if (ROOT / "backends" / name / "nox_prepare.py").is_file():  # what the backend needs beyond pip (a build)
+        session.run("python", f"backends/{name}/nox_prepare.py")
     session.run("python", "-c", f"import raylane; raylane.get_strategy({name!r}, workers=1)")  # smoke import
     session.run(*PYTEST, f"backends/{name}/tests", *session.posargs)
 
@@ -58,6 +60,14 @@ def integration(session: nox.Session) -> None:
     _install_core(session, *packages, *plugins)
     session.run("raylane", "backends")
     session.run(*PYTEST, "tests", *session.posargs)
+
+
+@nox.session
+def tune(session: nox.Session) -> None:
+    """The Ray Tune bridge (an extension, not a backend) with the ddp backend: real trials on a local Ray."""
+    _install_core(session, "-e", "backends/ddp", "-e", "tune_bridge")
+    session.run("python", "-c", "import raylane_tune; raylane_tune.get_tune_resources('ddp', workers=2)")  # smoke
+    session.run(*PYTEST, "tune_bridge/tests", *session.posargs)
 
 
 @nox.session

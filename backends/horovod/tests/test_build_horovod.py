@@ -1,4 +1,4 @@
-"""The Horovod build script's offline parts: the patch, the cache key and the instant second run."""
+"""The Horovod build script's offline parts: the patches, the sdist check, the cache key and the cached second run."""
 
 from __future__ import annotations
 
@@ -7,37 +7,43 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from raylane_horovod import build_horovod
 
 
-def write_sources(root: Path, standard: str = "14") -> None:
-    (root / "horovod" / "torch").mkdir(parents=True)
-    (root / "CMakeLists.txt").write_text(f"project(horovod CXX)\nset(CMAKE_CXX_STANDARD {standard})\n")
-    torch_cmake = f'if(NOT Pytorch_VERSION VERSION_LESS "1.5.0")\n    set(CMAKE_CXX_STANDARD {standard})\nendif()\n'
-    (root / "horovod" / "torch" / "CMakeLists.txt").write_text(torch_cmake)
+def write_sources(root: Path, fixed_upstream: bool = False) -> None:
+    """Files shaped like the sdist's, around the lines the patches change."""
+    for patch in build_horovod.PATCHES:
+        path = root / patch.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = patch.new if fixed_upstream else patch.old
+        if not path.exists():
+            path.write_text(f"# {patch.path}\n")
+        path.write_text(path.read_text() + f"before\n    {line}\nafter\n")
 
 
-def test_patch_raises_the_cxx_standard_to_17(tmp_path: Path) -> None:
+def test_patches_change_exactly_their_lines(tmp_path: Path) -> None:
     write_sources(tmp_path)
-    build_horovod.patch_cxx_standard(tmp_path)
-    for relative in build_horovod.CXX17_PATCH:
-        text = (tmp_path / relative).read_text()
-        assert "set(CMAKE_CXX_STANDARD 17)" in text
-        assert "CMAKE_CXX_STANDARD 14" not in text
+    build_horovod.apply_patches(tmp_path)
+    cmake = (tmp_path / "CMakeLists.txt").read_text()
+    assert "set(CMAKE_CXX_STANDARD 17)" in cmake and "CMAKE_CXX_STANDARD 14" not in cmake
+    assert "set(CMAKE_CXX_STANDARD 17)" in (tmp_path / "horovod" / "torch" / "CMakeLists.txt").read_text()
+    controller = (tmp_path / "horovod" / "common" / "gloo" / "gloo_controller.cc").read_text()
+    assert "global_ranks_.resize(size_);" in controller and "reserve" not in controller
 
 
-def test_patch_refuses_sources_it_was_not_written_for(tmp_path: Path) -> None:
-    write_sources(tmp_path, standard="17")  # e.g. a future release that already fixed it
-    with pytest.raises(SystemExit, match="expected 1 C\\+\\+14 line"):
-        build_horovod.patch_cxx_standard(tmp_path)
+def test_patches_refuse_sources_they_were_not_written_for(tmp_path: Path) -> None:
+    write_sources(tmp_path, fixed_upstream=True)  # e.g. a future release that fixed it already
+    with pytest.raises(SystemExit, match="expected `set\\(CMAKE_CXX_STANDARD 14\\)` once, found it 0"):
+        build_horovod.apply_patches(tmp_path)
 
 
 def test_cache_key_names_everything_the_binary_depends_on(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("HOROVOD_GPU_OPERATIONS", raising=False)
     key = build_horovod.cache_key()
     torch_version = importlib.metadata.version("torch").replace("+", "_")
-    assert key.startswith(f"horovod-{build_horovod.HOROVOD_VERSION}_torch-{torch_version}_")
-    assert f"cp{sys.version_info.major}{sys.version_info.minor}" in key
+    assert key.startswith(f"horovod-{build_horovod.HOROVOD_VERSION}_patches-")
+    assert f"_torch-{torch_version}_cp{sys.version_info.major}{sys.version_info.minor}_" in key
     monkeypatch.setenv("HOROVOD_GPU_OPERATIONS", "NCCL")
     assert build_horovod.cache_key() != key, "a GPU build must not reuse the CPU wheel"
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from raylane import ConfigurationError, LaunchOptions, WorkerContext
 from raylane.topology import DeviceAssignment, Ranks, WorkerPlacement, assign_ranks
 from raylane_horovod.settings import OptimizerSettings, StallTimeouts, cross_ranks, horovod_env

@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from raylane import get_strategy, list_backends
-from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset, make_loader
 from torch import nn
 from torch.utils.data import DataLoader
+
+from raylane import get_strategy, list_backends
+from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset, make_loader
 
 hvd = pytest.importorskip("horovod.torch", reason="Horovod is not installed; see backends/horovod/README.md")
 
@@ -107,20 +108,30 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
 SCHEDULED_FLAGS: dict[str, Any] = {"max_epochs": 2, "gradient_clip_val": 0.05, "accumulate_grad_batches": 2}
 
 
-def test_clipped_accumulated_scheduled_adam_matches_one_process_and_ddp(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def scheduled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, torch.Tensor]]:
+    """Initial weights, one process and the horovod backend, for Adam + StepLR + clipping + accumulation."""
+    ensure_local_ray()
     torch.manual_seed(11)
     model = ScheduledClassifier()
     initial = {name: value.clone() for name, value in model.state_dict().items()}
     reference = fit_reference(copy_of(model), **SCHEDULED_FLAGS)
-    horovod = fit_distributed(model, "horovod", tmp_path / "horovod", **SCHEDULED_FLAGS)
-    assert not torch.equal(horovod["layer.weight"], initial["layer.weight"])
-    assert_same_weights(horovod, reference, "horovod vs one process")
+    horovod = fit_distributed(model, "horovod", tmp_path_factory.mktemp("horovod"), **SCHEDULED_FLAGS)
+    return {"initial": initial, "reference": reference, "horovod": horovod}
+
+
+def test_clipped_accumulated_scheduled_adam_matches_one_process(scheduled: dict[str, dict[str, Any]]) -> None:
+    assert not torch.equal(scheduled["horovod"]["layer.weight"], scheduled["initial"]["layer.weight"])
+    assert_same_weights(scheduled["horovod"], scheduled["reference"], "horovod vs one process")
+
+
+def test_clipped_accumulated_scheduled_adam_matches_ddp(scheduled: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     if "ddp" not in {backend.name for backend in list_backends()}:
         pytest.skip("the ddp backend (raylane-ddp) is not installed here; `pip install -e backends/ddp` to compare")
-    ddp_model = ScheduledClassifier()
-    ddp_model.load_state_dict(initial)
-    ddp = fit_distributed(ddp_model, "ddp", tmp_path / "ddp", **SCHEDULED_FLAGS)
-    assert_same_weights(horovod, ddp, "horovod vs ddp")
+    model = ScheduledClassifier()
+    model.load_state_dict(scheduled["initial"])
+    ddp = fit_distributed(model, "ddp", tmp_path, **SCHEDULED_FLAGS)
+    assert_same_weights(scheduled["horovod"], ddp, "horovod vs ddp")
 
 
 def test_two_optimizers_with_schedulers_match_one_process(tmp_path: Path) -> None:

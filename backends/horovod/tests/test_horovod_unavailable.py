@@ -1,14 +1,16 @@
 """Without Horovod the backend is listed but unusable, and says how to install it; its entry module stays light.
 
-Each check runs in a fresh interpreter whose import system refuses ``horovod``, so it holds whether or not Horovod is
+The checks run in a fresh interpreter whose import system refuses ``horovod``, so they hold whether or not Horovod is
 installed in this environment.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
@@ -27,68 +29,61 @@ BLOCK_HOROVOD = textwrap.dedent(
 )
 
 
-def run_python(source: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", BLOCK_HOROVOD + textwrap.dedent(source)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+WITHOUT_HOROVOD = BLOCK_HOROVOD + textwrap.dedent(
+    """
+    import contextlib, io, json
 
+    import raylane_horovod
 
-def test_get_strategy_fails_at_once_with_install_instructions() -> None:
-    result = run_python(
-        """
-        import time
-        from raylane import BackendLoadError, get_strategy
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] == "horovod" or m == "raylane_horovod.strategy")
+    report = {"modules": heavy}
 
-        started = time.monotonic()
-        try:
-            get_strategy("horovod", workers=2)
-        except BackendLoadError as err:
-            print("raised:", err)
-        print("seconds:", time.monotonic() - started)
-        import ray
-        print("ray started:", ray.is_initialized())
-        """
-    )
-    assert result.returncode == 0, result.stderr
-    assert "raised: Backend 'horovod' needs Horovod" in result.stdout
-    assert "python -m raylane_horovod.build_horovod --install" in result.stdout
-    assert "ray started: False" in result.stdout
+    from raylane import BackendLoadError, get_strategy
 
+    try:
+        get_strategy("horovod", workers=2)
+    except BackendLoadError as err:
+        report["error"] = str(err)
+    import ray
 
-def test_cli_lists_the_backend_as_unusable_with_the_reason() -> None:
-    result = run_python(
-        """
-        from raylane.cli import main
+    report["ray_started"] = ray.is_initialized()
 
+    from raylane.cli import main
+
+    listing = io.StringIO()
+    with contextlib.redirect_stdout(listing):
         main(["backends"])
-        """
+    report["listing"] = listing.getvalue()
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def without_horovod() -> dict[str, Any]:
+    """One fresh interpreter (they are slow to start) for all the checks."""
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_HOROVOD], capture_output=True, text=True, timeout=240, check=False
     )
     assert result.returncode == 0, result.stderr
-    [line] = [line for line in result.stdout.splitlines() if line.startswith("horovod ")]
+    return json.loads(result.stdout.splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def test_get_strategy_fails_at_once_with_install_instructions(without_horovod: dict[str, Any]) -> None:
+    assert without_horovod["error"].startswith("Backend 'horovod' needs Horovod")
+    assert "python -m raylane_horovod.build_horovod --install" in without_horovod["error"]
+    assert without_horovod["ray_started"] is False, "it failed before touching Ray"
+
+
+def test_cli_lists_the_backend_as_unusable_with_the_reason(without_horovod: dict[str, Any]) -> None:
+    [line] = [line for line in without_horovod["listing"].splitlines() if line.startswith("horovod ")]
     assert "raylane-horovod" in line
     assert "unusable: Backend 'horovod' needs Horovod" in line
     assert "build_horovod --install" in line
 
 
-def test_entry_module_imports_neither_horovod_nor_the_strategy() -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, raylane_horovod; print(sorted(m for m in sys.modules if m.split('.')[0] == 'horovod' "
-            "or m == 'raylane_horovod.strategy'))",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
+def test_entry_module_imports_neither_horovod_nor_the_strategy(without_horovod: dict[str, Any]) -> None:
+    assert without_horovod["modules"] == []
 
 
 def test_get_strategy_works_where_horovod_is_installed() -> None:

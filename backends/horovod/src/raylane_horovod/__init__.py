@@ -12,12 +12,10 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from raylane import BackendLoadError, hookimpl
-
 from raylane_horovod.settings import BACKEND_OPTIONS, horovod_env
 
 if TYPE_CHECKING:
     from raylane import WorkerContext
-
     from raylane_horovod.strategy import RayHorovodStrategy
 
 INSTALL_HINT = (

@@ -5,11 +5,12 @@ torch's headers need C++17 (upstream horovod#3996; the fix, horovod#3998, was ne
 build reproducible:
 
 1. download the 0.28.1 sdist from PyPI with pip and check it against the pinned sha256;
-2. raise the C++ standard to 17 in ``CMakeLists.txt`` and ``horovod/torch/CMakeLists.txt``;
+2. apply ``PATCHES``: raise the C++ standard to 17 in ``CMakeLists.txt`` and ``horovod/torch/CMakeLists.txt``, and
+   fix the Gloo controller's rank list so that Horovod's stall shutdown works (see ``PATCHES``);
 3. build a wheel without build isolation (so it compiles against *this* interpreter's torch) with PyTorch and the
    Gloo controller only: no MPI, TensorFlow or MXNet;
-4. cache the wheel outside the repository, keyed by Horovod version, torch version, Python tag and platform, so a
-   second run is instant.
+4. cache the wheel outside the repository, keyed by Horovod version, patches, torch version, Python tag and
+   platform, so a second run is instant.
 
 Usage (with the interpreter that should get Horovod)::
 
@@ -33,16 +34,39 @@ import sys
 import sysconfig
 import tarfile
 import tempfile
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 HOROVOD_VERSION = "0.28.1"
 SDIST_NAME = f"horovod-{HOROVOD_VERSION}.tar.gz"
 SDIST_SHA256 = "92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0"
 
-# file inside the sdist -> how many `set(CMAKE_CXX_STANDARD 14)` lines it must have; a different count means the
-# sdist is not the one this patch was written for, and the build stops instead of half-patching it.
-CXX17_PATCH = {"CMakeLists.txt": 1, "horovod/torch/CMakeLists.txt": 1}
-CXX14_LINE = re.compile(r"set\(CMAKE_CXX_STANDARD 14\)")
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace ``old`` with ``new`` in one file of the sdist. ``old`` must occur exactly once: anything else means the
+    sdist is not the one the patch was written for, and the build stops instead of half-patching it."""
+
+    path: str
+    old: str
+    new: str
+    why: str
+
+
+PATCHES = (
+    # torch >= 2.1's headers need C++17 (horovod#3996; the fix, horovod#3998, was never released).
+    Patch("CMakeLists.txt", "set(CMAKE_CXX_STANDARD 14)", "set(CMAKE_CXX_STANDARD 17)", "C++14 -> C++17"),
+    Patch("horovod/torch/CMakeLists.txt", "set(CMAKE_CXX_STANDARD 14)", "set(CMAKE_CXX_STANDARD 17)", "C++14 -> C++17"),
+    # The Gloo controller fills its list of the process set's ranks through data() after only reserve(), so the
+    # list stays empty: the stall inspector then finds no rank missing, and HOROVOD_STALL_SHUTDOWN_TIME_SECONDS never
+    # shuts a stalled job down. raylane maps collective_timeout onto it, so the list must have its ranks.
+    Patch(
+        "horovod/common/gloo/gloo_controller.cc",
+        "global_ranks_.reserve(size_);",
+        "global_ranks_.resize(size_);",
+        "stall shutdown with the Gloo controller",
+    ),
+)
 
 BUILD_ENV = {
     "HOROVOD_WITH_PYTORCH": "1",
@@ -77,9 +101,12 @@ def torch_version() -> str:
 
 
 def cache_key() -> str:
-    """Everything the binary depends on: Horovod, torch (its C++ ABI), the Python tag, the platform, GPU options."""
+    """Everything the binary depends on: Horovod and the patches, torch (its C++ ABI), the Python tag, the platform,
+    GPU options."""
     python_tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
-    parts = [f"horovod-{HOROVOD_VERSION}", f"torch-{torch_version()}", python_tag, sysconfig.get_platform()]
+    patches = hashlib.sha256(repr([astuple(patch) for patch in PATCHES]).encode()).hexdigest()[:8]
+    parts = [f"horovod-{HOROVOD_VERSION}", f"patches-{patches}", f"torch-{torch_version()}", python_tag]
+    parts.append(sysconfig.get_platform())
     gpu = [f"{name}={os.environ[name]}" for name in GPU_BUILD_VARIABLES if os.environ.get(name)]
     if gpu:
         parts.append("gpu-" + hashlib.sha256(";".join(gpu).encode()).hexdigest()[:12])
@@ -130,15 +157,15 @@ def unpack(sdist: Path, workdir: Path) -> Path:
     return workdir / f"horovod-{HOROVOD_VERSION}"
 
 
-def patch_cxx_standard(source: Path) -> None:
-    for relative, expected in CXX17_PATCH.items():
-        path = source / relative
+def apply_patches(source: Path) -> None:
+    for patch in PATCHES:
+        path = source / patch.path
         text = path.read_text()
-        patched, count = CXX14_LINE.subn("set(CMAKE_CXX_STANDARD 17)", text)
-        if count != expected:
-            sys.exit(f"[build_horovod] {relative}: expected {expected} C++14 line(s) to patch, found {count}")
-        path.write_text(patched)
-        log(f"patched {relative}: C++14 -> C++17")
+        count = text.count(patch.old)
+        if count != 1:
+            sys.exit(f"[build_horovod] {patch.path}: expected `{patch.old}` once, found it {count} time(s)")
+        path.write_text(text.replace(patch.old, patch.new))
+        log(f"patched {patch.path}: {patch.why}")
 
 
 def cmake_is_usable() -> bool:
@@ -165,7 +192,7 @@ def build_wheel(cache_dir: Path, jobs: int) -> Path:
     with tempfile.TemporaryDirectory(prefix="raylane-horovod-build-") as tmp:
         workdir = Path(tmp)
         source = unpack(download_sdist(workdir), workdir)
-        patch_cxx_standard(source)
+        apply_patches(source)
         env = {**os.environ, **BUILD_ENV, "MAKEFLAGS": f"-j{jobs}"}
         # The pip-installed cmake lands next to the interpreter, which may not be on PATH (a venv not activated).
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -191,6 +218,9 @@ def horovod_torch_imports() -> bool:
 
 
 def install(wheel: Path) -> None:
+    # Replace any Horovod of the same version (an earlier build, or one without these patches), then add its
+    # dependencies.
+    pip("install", "--force-reinstall", "--no-deps", str(wheel))
     pip("install", str(wheel))
     if not horovod_torch_imports():
         subprocess.run([sys.executable, "-c", "import horovod.torch"], check=False)  # show the error

@@ -12,13 +12,12 @@ import time
 
 from raylane import WorkerContext
 from raylane.errors import RaylaneError
-
 from raylane_horovod.rendezvous import RendezvousStore, StoreClient, exchange_layout
 from raylane_horovod.settings import StallTimeouts, cross_ranks
 
 
 class HorovodInitError(RaylaneError):
-    """Horovod came up with other ranks than Ray assigned (a wrong environment or a stale rendezvous)."""
+    """Horovod cannot serve this worker: built without GPU support, or up with other ranks than Ray assigned."""
 
 
 # The store rank 0 serves while its entry point runs. One per process: a worker runs one entry point at a time.
@@ -31,6 +30,11 @@ def start(context: WorkerContext) -> None:
     import horovod.torch as hvd
 
     stop(context)  # a previous entry point that failed before its teardown
+    if context.uses_gpu and not (hvd.cuda_built() or hvd.rocm_built()):
+        raise HorovodInitError(
+            "use_gpu=True, but this Horovod was built without GPU support. Rebuild it on a machine with the CUDA "
+            "toolkit and NCCL: HOROVOD_GPU_OPERATIONS=NCCL python -m raylane_horovod.build_horovod --install."
+        )
     if context.global_rank == 0:
         _store = RendezvousStore(context.master_port)
     deadline = time.monotonic() + StallTimeouts.within(context.options.collective_timeout).gloo_s

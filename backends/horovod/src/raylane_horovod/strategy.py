@@ -25,10 +25,10 @@ import horovod.torch as hvd
 import torch
 from pytorch_lightning.strategies import ParallelStrategy
 from pytorch_lightning.trainer.states import TrainerFn
-from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from torch import Tensor
 from torch.distributed import ReduceOp
 
+from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_horovod.settings import OptimizerSettings
 
 if TYPE_CHECKING:
@@ -43,7 +43,13 @@ REDUCE_OPS = {"mean": "Average", "avg": "Average", "sum": "Sum", "max": "Max", "
 TORCH_REDUCE_OPS = {"SUM": "sum", "AVG": "avg", "MAX": "max", "MIN": "min", "PRODUCT": "product"}
 BROADCAST_NAME = "raylane.broadcast"
 # The methods hvd.DistributedOptimizer adds or overrides (``step`` is LightningOptimizer's own).
-HOROVOD_OPTIMIZER_METHODS = ("zero_grad", "load_state_dict", "synchronize", "skip_synchronize", "set_backward_passes_per_step")
+HOROVOD_OPTIMIZER_METHODS = (
+    "zero_grad",
+    "load_state_dict",
+    "synchronize",
+    "skip_synchronize",
+    "set_backward_passes_per_step",
+)
 
 
 class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
@@ -55,10 +61,8 @@ class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
     def __init__(self, workers: int = 2, **options: Any) -> None:
         horovod_options = self.init_ray_options({"workers": workers, **options})
         self.optimizer_settings = OptimizerSettings.from_options(horovod_options)
-        self._horovod_optimizers: list[Optimizer] = []
-        self._accumulating = False
         super().__init__(cluster_environment=RayClusterEnvironment())
-        self._horovod_optimizers: list[Optimizer] = []
+        self._horovod_optimizers: list[Optimizer] = []  # the DistributedOptimizers, inside a worker's fit
         self._accumulating = False
 
     @property

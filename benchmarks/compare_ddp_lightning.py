@@ -1,0 +1,83 @@
+"""The configurations that drive ``pytorch_lightning`` directly: one process, Lightning's ddp_spawn, and raylane."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from compare_ddp_report import RunResult
+from compare_ddp_timer import LoopTimer, measured
+from compare_ddp_workload import EXAMPLES_DIR, PROCESSES, Workload, synthetic_digits
+from torch.utils.data import DataLoader
+
+from raylane import get_strategy
+
+if str(EXAMPLES_DIR) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES_DIR))  # the example's model module, found as a user's script would find it
+from digits import DigitsClassifier
+
+CONFIGS = ("one_process", "ddp_spawn", "raylane")
+
+# Progress bars, checkpoints, loggers and the model summary would be timed along with the training.
+QUIET_TRAINER: dict[str, Any] = {
+    "enable_progress_bar": False,
+    "enable_checkpointing": False,
+    "logger": False,
+    "enable_model_summary": False,
+}
+
+
+class SyntheticDigits(pl.LightningDataModule):
+    """The workload's data, generated in ``setup`` on every process from the same seed."""
+
+    def __init__(self, samples: int, seed: int, batch_size: int) -> None:
+        super().__init__()
+        self.samples = samples
+        self.seed = seed
+        self.batch_size = batch_size
+
+    def setup(self, stage: str) -> None:
+        self.train_set = synthetic_digits(self.samples, self.seed)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+
+def processes(config: str) -> int:
+    return 1 if config == "one_process" else PROCESSES
+
+
+def trainer_flags(config: str) -> dict[str, Any]:
+    """The Trainer arguments that make each configuration what it is; everything else is shared."""
+    if config == "one_process":
+        return {"accelerator": "cpu", "devices": 1}
+    if config == "ddp_spawn":
+        return {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": PROCESSES}
+    if config == "raylane":
+        return {"strategy": get_strategy("ddp", workers=PROCESSES), "accelerator": "cpu"}
+    raise ValueError(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
+
+
+def run(config: str, workload: Workload, one_process_threads: int | None = None) -> RunResult:
+    """Train once from the same seed and time ``trainer.fit()`` as the caller sees it.
+
+    ``one_process_threads`` sets torch's threads for ``one_process`` only (it runs in this process); ``None`` keeps
+    torch's default. The other configurations' processes choose their own: one thread each, from Lightning or Ray.
+    """
+    pl.seed_everything(workload.seed, verbose=False)
+    model = DigitsClassifier(hidden=workload.hidden)
+    data = SyntheticDigits(workload.samples, workload.seed, workload.batch_per_process(processes(config)))
+    trainer = pl.Trainer(max_epochs=workload.epochs, callbacks=[LoopTimer()], **QUIET_TRAINER, **trainer_flags(config))
+    default_threads = torch.get_num_threads()
+    if config == "one_process" and one_process_threads is not None:
+        torch.set_num_threads(one_process_threads)
+    try:
+        start = time.perf_counter()
+        trainer.fit(model, datamodule=data)
+        fit_s = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(default_threads)
+    return RunResult.from_metrics(fit_s, measured(trainer.callback_metrics))
