@@ -33,8 +33,6 @@ def test_outside_a_trial_the_hooks_leave_everything_to_the_core() -> None:
 
 
 def test_worker_errors_survive_copy_and_pickle() -> None:
-    from raylane_tune import _core_workarounds  # noqa: F401  (registers the reducer)
-
     error = WorkerError("rank 1 raised", rank=1, node_ip="10.0.0.2", node_id="abc")
     for clone in (copy.copy(error), pickle.loads(pickle.dumps(error))):
         assert type(clone) is WorkerError and str(clone) == "rank 1 raised"

@@ -39,3 +39,11 @@ class WorkerError(RaylaneError):
         self.rank = rank
         self.node_ip = node_ip
         self.node_id = node_id
+
+    def __reduce__(self) -> tuple[object, ...]:
+        # Keyword-only fields: rebuild explicitly, so copy.copy and pickle (Ray Tune does both) keep the error intact.
+        return _rebuild_worker_error, (str(self), self.rank, self.node_ip, self.node_id)
+
+
+def _rebuild_worker_error(message: str, rank: int, node_ip: str, node_id: str) -> WorkerError:
+    return WorkerError(message, rank=rank, node_ip=node_ip, node_id=node_id)

@@ -64,6 +64,7 @@ class RayLauncher(_lightning.Launcher):
         ensure_ray(options.workers * options.cpus_per_worker)
         host = backend_host(self._strategy.backend_name)
         _fix_logger_versions(trainer)
+        self.last_checkpoint = None  # a restart resumes from this entry point's checkpoints, never an earlier one's
         restarts = 0
         while True:
             try:

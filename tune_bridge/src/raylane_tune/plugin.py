@@ -26,10 +26,8 @@ def raylane_reserve_workers(bundles: list[dict[str, float]], options: LaunchOpti
     """Inside a Tune trial, the workers take the trial's own bundles; anywhere else the core reserves its own."""
     if not _ray_tune.in_tune_trial():
         return None
-    from raylane_tune._core_workarounds import make_worker_error_copyable
     from raylane_tune.placement import reserve_in_trial
 
-    make_worker_error_copyable()  # so a worker failure reaches Tune as itself
     return reserve_in_trial(bundles, options)
 
 

@@ -13,7 +13,8 @@ TEST_CPUS = 4  # two workers plus room for the trial drivers Tune tests add; ove
 def ensure_local_ray(num_cpus: int = TEST_CPUS) -> None:
     """Start a local Ray for tests unless one is already running in this process."""
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        # address="local": a new instance of our own, never a cluster another process left running on this machine.
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def live_raylane_actors() -> list[str]:
