@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_at_start = load_average()
     print(f"timing ray.init() in {args.repeats} fresh interpreter(s)", flush=True)
     ray_startup = time_ray_startup(PROCESSES, args.repeats)
-    ray.init(num_cpus=PROCESSES, logging_level=logging.WARNING)
+    # address="local": a new instance of exactly this size, even where `ray start` left a cluster address behind.
+    ray.init(address="local", num_cpus=PROCESSES, logging_level=logging.WARNING)
     storage = tempfile.mkdtemp(prefix="compare_ddp_ray_train_")
     runs: dict[str, list[RunResult]] = {config: [] for config in configs}
     try:

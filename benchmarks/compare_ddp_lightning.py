@@ -80,4 +80,16 @@ def run(config: str, workload: Workload, one_process_threads: int | None = None)
         fit_s = time.perf_counter() - start
     finally:
         torch.set_num_threads(default_threads)
+        _release_workers(trainer)
     return RunResult.from_metrics(fit_s, measured(trainer.callback_metrics))
+
+
+def _release_workers(trainer: pl.Trainer) -> None:
+    """Stop raylane's workers, which it keeps warm for a next entry point, before the next configuration runs.
+
+    With ``idle_timeout`` set, they would hold their CPUs that long, or until the cyclic garbage collector happens to
+    free this Trainer, and Ray Train's workers would wait for them. Called after the timing: fit() returns first.
+    """
+    release = getattr(trainer.strategy, "release_workers", None)
+    if release is not None:
+        release()

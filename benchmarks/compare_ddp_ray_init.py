@@ -19,7 +19,7 @@ PROBE = textwrap.dedent(
     start = time.perf_counter()
     import ray
     imported = time.perf_counter()
-    ray.init(num_cpus=int(sys.argv[1]), logging_level=logging.WARNING)
+    ray.init(address="local", num_cpus=int(sys.argv[1]), logging_level=logging.WARNING)
     ready = time.perf_counter()
     ray.shutdown()
     done = time.perf_counter()

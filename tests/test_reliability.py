@@ -163,7 +163,7 @@ def test_an_idle_trainer_never_blocks_the_next_one(tmp_path: Path) -> None:
     ensure_local_ray()
     cpus = int(ray.cluster_resources()["CPU"])
     first = pl.Trainer(
-        strategy=get_strategy("ddp", workers=2, cpus_per_worker=cpus // 2),
+        strategy=get_strategy("ddp", workers=2, cpus_per_worker=cpus // 2, idle_timeout=60),
         max_epochs=1,
         logger=False,
         enable_checkpointing=False,

@@ -211,7 +211,8 @@ def ensure_ray(cpus_needed: float) -> None:
         return
     cpus = max(os.cpu_count() or 1, int(-(-cpus_needed // 1)))
     log.info("raylane: starting a local Ray instance with %d CPUs", cpus)
-    ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
+    # address="local": our own instance, even when `ray start` left another cluster's address on this machine.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def _fix_logger_versions(trainer: pl.Trainer) -> None:

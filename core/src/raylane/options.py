@@ -33,7 +33,7 @@ class LaunchOptions:
     resource_timeout: float = 300.0
     collective_timeout: float = 1800.0
     max_failures: int = 0
-    idle_timeout: float = 60.0
+    idle_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         _check_workers(self.workers)

@@ -105,7 +105,7 @@ class BackendConformance:
 
     def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:
         model = ClassifierModel(report_dir=str(tmp_path))
-        trainer = self.trainer(tmp_path, max_epochs=1)
+        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=60), max_epochs=1)
         trainer.fit(model, make_loader(8))
         trainer.test(model, make_loader(8))
         fit_pids = sorted(json.loads(p.read_text())["pid"] for p in tmp_path.glob("fit-rank*.json"))
