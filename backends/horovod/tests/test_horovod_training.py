@@ -177,7 +177,7 @@ class CollectivesReport(ClassifierModel):
 
 def test_collectives_and_sync_dist_logging_across_entry_points(tmp_path: Path) -> None:
     model = CollectivesReport(report_dir=str(tmp_path))
-    strategy = get_strategy("horovod", workers=WORKERS, collective_timeout=60)
+    strategy = get_strategy("horovod", workers=WORKERS, collective_timeout=60, idle_timeout=60)
     trainer = pl.Trainer(strategy=strategy, default_root_dir=str(tmp_path), **QUIET)
     for _ in range(2):  # the second entry point re-initialises Horovod on the same warm workers
         [metrics] = trainer.validate(model, make_loader(8))
