@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -20,6 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylane.context import WorkerContext
 from raylane.errors import WorkerError
+from raylane.heartbeat import Heartbeat
 from raylane.host import BackendHost
 from raylane.options import LaunchOptions
 from raylane.placement import WorkerReservation
@@ -50,6 +52,7 @@ class WorkerGroup:
         self.actors: list[ray.actor.ActorHandle] = []
         self.placements: list[WorkerPlacement] = []
         self.contexts: list[WorkerContext] = []
+        self.marks: dict[str, float] = {}  # driver-side wall-clock marks of start() and run(), for benchmarks
 
     def __enter__(self) -> WorkerGroup:
         return self
@@ -59,12 +62,14 @@ class WorkerGroup:
 
     def start(self) -> WorkerGroup:
         """Reserve resources, start the actors and work out every worker's ranks, device and environment."""
+        self.marks["start"] = time.time()
         bundles = self.host.placement_bundles(self.options)
         if len(bundles) != self.options.workers:
             raise ValueError(
                 f"backend {self.host.backend!r} returned {len(bundles)} bundles for {self.options.workers} workers"
             )
         self.reservation = self.host.reserve_workers(bundles, self.options, f"raylane-{self.run_id}")
+        self.marks["placement_ready"] = time.time()
         worker_class = ray.remote(Worker)
         for rank, bundle_index in enumerate(self.reservation.bundle_indices):
             actor_options = self.host.worker_actor_options(self.options, bundle_index)
@@ -75,7 +80,9 @@ class WorkerGroup:
                 ),
             )
             self.actors.append(worker_class.options(**actor_options).remote(rank))
+        self.marks["actors_requested"] = time.time()
         self.placements = self._gather([actor.describe.remote() for actor in self.actors])
+        self.marks["actors_alive"] = time.time()
         self._refresh_contexts()
         return self
 
@@ -119,12 +126,19 @@ class WorkerGroup:
     def run(self, payload: ray.ObjectRef, on_message: MessageHandler | None = None) -> list[WorkerOutput]:
         """Run the payload on every worker; return their outputs in rank order, or raise the first failure."""
         self._refresh_contexts()
+        self.marks["entry_point_sent"] = time.time()
         refs = [actor.run.remote(context, [payload]) for actor, context in zip(self.actors, self.contexts)]
-        outputs = self._gather(refs, on_message)
+        outputs = self._gather(refs, on_message, Heartbeat(self.actors, self.options.heartbeat_timeout))
         return sorted(outputs, key=lambda output: output.rank)
 
-    def _gather(self, refs: list[ray.ObjectRef], on_message: MessageHandler | None = None) -> list[Any]:
-        """``ray.get`` that fails as soon as any one ref fails, relaying rank 0's messages while it waits."""
+    def _gather(
+        self,
+        refs: list[ray.ObjectRef],
+        on_message: MessageHandler | None = None,
+        heartbeat: Heartbeat | None = None,
+    ) -> list[Any]:
+        """``ray.get`` that fails as soon as any one ref fails or any worker falls silent, relaying rank 0's messages
+        while it waits."""
         rank_of = {ref: index for index, ref in enumerate(refs)}
         results: dict[int, Any] = {}
         pending = list(refs)
@@ -138,6 +152,14 @@ class WorkerGroup:
                         self._relay(on_message)  # what rank 0 said before the failure (e.g. its last checkpoint)
                     rank, cause = self._root_cause(rank_of, pending, rank_of[ref], err)
                     raise self._worker_error(rank, cause) from cause
+            silent = heartbeat.check() if heartbeat is not None else None
+            if silent is not None:
+                raise self._worker_error(
+                    silent.rank,
+                    f"It answered no ping for {silent.silent_s:.0f} s (heartbeat_timeout="
+                    f"{self.options.heartbeat_timeout:g}): its process is frozen or its node unreachable.",
+                    what="stopped answering",
+                )
             if on_message is not None:
                 self._relay(on_message)
         if on_message is not None:
@@ -169,11 +191,11 @@ class WorkerGroup:
         for topic, payload in messages:
             on_message(topic, payload)
 
-    def _worker_error(self, rank: int, err: Exception) -> WorkerError:
+    def _worker_error(self, rank: int, err: Exception | str, what: str | None = None) -> WorkerError:
         context = self.contexts[rank] if rank < len(self.contexts) else None
         node_ip = context.placement.node_ip if context else "unknown"
         node_id = context.placement.node_id if context else "unknown"
-        what = "died" if isinstance(err, RayActorError) else "raised"
+        what = what or ("died" if isinstance(err, RayActorError) else "raised")
         self.shutdown()
         return WorkerError(
             f"raylane worker rank {rank} on node {node_ip} (node id {node_id[:12]}) {what}; all workers were "

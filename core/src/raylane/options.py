@@ -32,6 +32,7 @@ class LaunchOptions:
     runtime_env: Mapping[str, Any] | None = None
     resource_timeout: float = 300.0
     collective_timeout: float = 1800.0
+    heartbeat_timeout: float = 30.0
     max_failures: int = 0
     idle_timeout: float = 0.0
 
@@ -75,6 +76,7 @@ class LaunchOptions:
             raise ConfigurationError(f"runtime_env must be a dict as Ray accepts it, got {self.runtime_env!r}.")
         _check_amount("resource_timeout", self.resource_timeout, allow_zero=False)
         _check_amount("collective_timeout", self.collective_timeout, allow_zero=False)
+        _check_amount("heartbeat_timeout", self.heartbeat_timeout, allow_zero=False)
         _check_amount("idle_timeout", self.idle_timeout)
         if not self.worker_resources():
             raise ConfigurationError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from torch.utils.data import DataLoader
 
 from raylane import ConfigurationError, ResourceError, SerializationError, WorkerError, get_strategy
+from raylane.testing.faults import signal_worker
 from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader
 from raylane.testing.ray_state import assert_released, ensure_local_ray
 
@@ -224,6 +226,27 @@ class BackendConformance:
         with pytest.raises(WorkerError, match="died") as info:
             self.trainer(tmp_path).fit(model, make_loader(8))
         assert time.monotonic() - started < 60
+        assert info.value.rank == self.workers - 1
+        assert_released()
+
+    def test_worker_killed_from_outside_reaches_driver(self, tmp_path: Path) -> None:
+        # Rank 0 stalls, so the victim is a healthy rank blocked in a collective when the signal lands.
+        model = ClassifierModel(fail_on_rank=0, fail_at_step=1, fail_mode="hang")
+        victim = self.workers - 1
+        killer = threading.Thread(target=signal_worker, args=(victim, signal.SIGKILL), daemon=True)
+        killer.start()
+        with pytest.raises(WorkerError, match="died") as info:
+            self.trainer(tmp_path).fit(model, make_loader(8))
+        assert info.value.rank == victim
+        killer.join(timeout=10)
+        assert_released()
+
+    def test_frozen_worker_fails_after_heartbeat_timeout(self, tmp_path: Path) -> None:
+        model = ClassifierModel(fail_on_rank=self.workers - 1, fail_at_step=1, fail_mode="freeze")
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="stopped answering") as info:
+            self.trainer(tmp_path, strategy=self.strategy(heartbeat_timeout=3)).fit(model, make_loader(8))
+        assert time.monotonic() - started < 90
         assert info.value.rank == self.workers - 1
         assert_released()
 

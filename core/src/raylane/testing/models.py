@@ -33,8 +33,9 @@ class ClassifierModel(pl.LightningModule):
 
     ``report_dir``: every rank writes what it saw (ranks, sampler, initial weights, node, the ``report_env``
     variables) there as JSON.
-    ``fail_on_rank`` / ``fail_at_step`` / ``fail_mode``: make one rank raise, kill its own process (``"kill"``) or
-    hang without dying (``"hang"``). With ``fail_once_marker`` (a file path) it fails only the first time.
+    ``fail_on_rank`` / ``fail_at_step`` / ``fail_mode``: make one rank raise, kill its own process (``"kill"``),
+    hang without dying (``"hang"``: it still answers Ray) or freeze its whole process with SIGSTOP (``"freeze"``: it
+    answers nothing, like a wedged host). With ``fail_once_marker`` (a file path) it fails only the first time.
     """
 
     def __init__(
@@ -108,6 +109,8 @@ class ClassifierModel(pl.LightningModule):
             os.kill(os.getpid(), signal.SIGKILL)
         if self.hparams.fail_mode == "hang":
             time.sleep(3600)  # alive but never joins the next collective
+        if self.hparams.fail_mode == "freeze":
+            os.kill(os.getpid(), signal.SIGSTOP)  # every thread stops, the heartbeat's too
         raise RuntimeError(f"injected failure on rank {self.global_rank}")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

@@ -1,0 +1,36 @@
+"""Faults injected from outside the workers: real signals to the real processes of a running fit.
+
+The in-model faults (``ClassifierModel(fail_mode=...)``) cover a rank that raises, kills itself, hangs or freezes.
+These cover what happens to a healthy rank from the outside: the OOM killer, an operator's ``kill``, a frozen host.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import ray
+from ray.util import list_named_actors
+
+
+def worker_pid(rank: int, timeout_s: float = 60.0) -> int:
+    """The process id of the live raylane worker with this rank, waiting up to ``timeout_s`` for it to start.
+
+    Asks the worker itself (it answers on its second thread while an entry point runs), so it is the real pid on
+    this machine; the test's Ray must be local for a signal to reach it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for actor in list_named_actors(all_namespaces=True):
+            if actor["name"].startswith("raylane:") and actor["name"].endswith(f":rank-{rank}"):
+                handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+                return int(ray.get(handle.pid.remote(), timeout=timeout_s))
+        time.sleep(0.1)
+    raise TimeoutError(f"no raylane worker with rank {rank} started within {timeout_s:g} s")
+
+
+def signal_worker(rank: int, signal_number: int, timeout_s: float = 60.0) -> int:
+    """Send ``signal_number`` to the worker process with this rank; return its pid."""
+    pid = worker_pid(rank, timeout_s)
+    os.kill(pid, signal_number)
+    return pid
