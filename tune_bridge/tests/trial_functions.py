@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint
 from ray import tune
 
 from raylane import get_strategy
@@ -68,6 +69,8 @@ def fit_trial(config: dict[str, Any]) -> None:
     ``fail_at_epoch``: rank 1 raises at the first step of that epoch, in a trial's first attempt only (a trial that
     restarts from its checkpoint then succeeds). ``checkpoint``: report with checkpoints (default) or metrics only.
     ``report_all``: report every logged metric instead of :data:`REPORTED` (plus ``extra_metrics``).
+    ``raylane_max_failures``: raylane restarts the fit itself (the failure is injected once per trial), from the
+    ModelCheckpoint that ``checkpoint_every_n_epochs`` adds.
     """
     record_dir = Path(config["record_dir"])
     trial_id = tune.get_context().get_trial_id()
@@ -75,11 +78,13 @@ def fit_trial(config: dict[str, Any]) -> None:
     pl.seed_everything(0, verbose=False)  # every trial starts from the same weights: only its config differs
     resume_from = tune.get_checkpoint()
     failing = config.get("fail_at_epoch") is not None and resume_from is None
+    restarts = config.get("raylane_max_failures", 0)
     model = RecordingModel(
         record,
         lr=config.get("lr", 0.1),
         fail_on_rank=1 if failing else None,
         fail_at_step=STEPS_PER_EPOCH * (config.get("fail_at_epoch") or 0),
+        fail_once_marker=str(record_dir / f"{trial_id}.failed") if restarts else None,
     )
     metrics = None if config.get("report_all") else {**REPORTED, **config.get("extra_metrics", {})}
     report = (
@@ -87,15 +92,23 @@ def fit_trial(config: dict[str, Any]) -> None:
         if config.get("checkpoint", True)
         else TuneReportCallback(metrics)
     )
+    callbacks: list[pl.Callback] = [report]
+    if config.get("checkpoint_every_n_epochs"):
+        every = config["checkpoint_every_n_epochs"]
+        callbacks.append(ModelCheckpoint(record_dir / trial_id, every_n_epochs=every, save_top_k=-1))
     if config.get("plain"):
         placement: dict[str, Any] = {"accelerator": "cpu", "devices": 1}
     else:
-        placement = {"strategy": get_strategy("ddp", workers=WORKERS, cpus_per_worker=config.get("cpus_per_worker", 1))}
+        placement = {
+            "strategy": get_strategy(
+                "ddp", workers=WORKERS, cpus_per_worker=config.get("cpus_per_worker", 1), max_failures=restarts
+            )
+        }
     trainer = pl.Trainer(
         max_epochs=config["epochs"],
-        callbacks=[report],
+        callbacks=callbacks,
         default_root_dir=str(record_dir),
-        enable_checkpointing=False,
+        enable_checkpointing=len(callbacks) > 1,
         enable_progress_bar=False,
         enable_model_summary=False,
         logger=False,

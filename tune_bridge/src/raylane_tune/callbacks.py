@@ -68,6 +68,9 @@ class _TuneCallback(pl.Callback):
         self.filename = "checkpoint"
         self._warned: set[str] = set()
         self._scratch_key = uuid.uuid4().hex  # the same on every rank: the Trainer travels pickled
+        # On the driver: what this Trainer already reported. A fit that raylane restarts from an older checkpoint
+        # replays some epochs; their reports would be duplicate Tune iterations.
+        self.reported: set[tuple[str, int, int]] = set()
 
     def _report(self, trainer: pl.Trainer, hook: str) -> None:
         if trainer.sanity_checking:
@@ -90,7 +93,8 @@ class _TuneCallback(pl.Callback):
         files = self._save_checkpoint(trainer) if self.saves_checkpoints else None
         if trainer.global_rank == 0:
             origin = f"on_{hook} at epoch {trainer.current_epoch}, step {trainer.global_step}"
-            send(TuneReport(metrics, files, origin))
+            progress = (hook, trainer.current_epoch, trainer.global_step)
+            send(TuneReport(metrics, files, origin, progress=progress, sender=self._scratch_key))
 
     @staticmethod
     def _destination() -> Callable[[TuneReport], Any] | None:
@@ -162,6 +166,17 @@ class TuneReportCheckpointCallback(_TuneCallback):
         if not isinstance(filename, str) or not filename or Path(filename).name != filename:
             raise ConfigurationError(f"filename must be a plain file name such as 'checkpoint', got {filename!r}.")
         self.filename = filename
+
+
+def deliver(trainer: pl.Trainer, message: TuneReport) -> None:
+    """*Driver.* Report what rank 0 relayed, unless this Trainer reported it before a restart already."""
+    callback = next((cb for cb in trainer.callbacks if getattr(cb, "_scratch_key", None) == message.sender), None)
+    if callback is not None and message.progress is not None:
+        if message.progress in callback.reported:
+            log.info("raylane_tune: %s was reported before the restart; not reporting it again.", message.origin)
+            return
+        callback.reported.add(message.progress)
+    report_to_tune(message)
 
 
 def _relay(message: TuneReport) -> None:

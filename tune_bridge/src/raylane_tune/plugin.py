@@ -42,11 +42,13 @@ def raylane_worker_env() -> Mapping[str, str]:
 
 
 @hookimpl
-def raylane_relay_metrics(topic: str, payload: Any) -> None:
+def raylane_relay_metrics(trainer: Any, topic: str, payload: Any) -> None:
     from raylane_tune import reporting  # light: Ray Tune itself is imported only to report
 
     if topic == reporting.REPORT_TOPIC:
-        reporting.report_to_tune(payload)
+        from raylane_tune.callbacks import deliver  # on the driver, whose Trainer has imported Lightning already
+
+        deliver(trainer, payload)
 
 
 def in_trial_worker() -> bool:

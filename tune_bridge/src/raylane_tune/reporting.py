@@ -29,6 +29,8 @@ class TuneReport:
     metrics: Mapping[str, float]
     checkpoint_files: Mapping[str, bytes] | None = None
     origin: str = field(default="")  # where rank 0 reported it ("on_validation_end at epoch 1, step 8"), for messages
+    progress: tuple[str, int, int] | None = None  # (hook, epoch, global step): a restarted fit may replay it
+    sender: str = ""  # the reporting callback's key, so the driver's copy of that callback receives it
 
 
 def report_to_tune(message: TuneReport) -> None:
