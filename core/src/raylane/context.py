@@ -21,7 +21,8 @@ class WorkerContext:
     devices: DeviceAssignment
     master_addr: str
     master_port: int
-    driver_node_id: str = ""
+    driver_node_id: str = ""  # "" when the driver is no Ray node (Ray Client): rank 0's files are always sent
+    driver_cwd: str = ""  # where the driver resolves relative paths (loggers, checkpoints); "" when unknown
     backend_options: Mapping[str, Any] = field(default_factory=dict)
     env: Mapping[str, str] = field(default_factory=dict)
     driver_sys_path: tuple[str, ...] = ()

@@ -25,7 +25,7 @@ from raylane.heartbeat import Heartbeat
 from raylane.host import BackendHost
 from raylane.options import LaunchOptions
 from raylane.placement import WorkerReservation
-from raylane.results import WorkerOutput
+from raylane.results import WorkerOutput, driver_filesystem_node
 from raylane.topology import WorkerPlacement, assign_ranks
 from raylane.worker import Worker
 
@@ -104,7 +104,7 @@ class WorkerGroup:
     def _contexts(self, placements: Sequence[Any], master_port: int) -> list[WorkerContext]:
         ranks = assign_ranks(placements)
         devices = self.host.assign_devices(placements, self.options)
-        driver_node_id = ray.get_runtime_context().get_node_id()
+        driver_node_id = driver_filesystem_node()
         driver_sys_path = tuple(os.path.abspath(p or os.curdir) for p in sys.path)
         contexts = []
         for placement_, rank, device in zip(placements, ranks, devices):
@@ -117,6 +117,7 @@ class WorkerGroup:
                 master_addr=placements[0].node_ip,
                 master_port=master_port,
                 driver_node_id=driver_node_id,
+                driver_cwd=os.getcwd(),
                 driver_sys_path=driver_sys_path,
                 backend_options=self.backend_options,
             )

@@ -1,8 +1,8 @@
 """What comes back from the workers, and how the driver's Trainer and LightningModule take it in.
 
 Beyond Lightning's spawn launcher: the driver also gets the loop progress (``current_epoch``, ``global_step``), every
-callback's state (ModelCheckpoint's best paths and scores), the checkpoint files themselves when rank 0 ran on another
-node, and predictions from every rank.
+callback's state (ModelCheckpoint's best paths and scores), the checkpoint files themselves when the driver cannot see
+rank 0's files (another node, a Ray Client driver, another working directory), and predictions from every rank.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import ray
 from lightning_utilities.core.apply_func import apply_to_collection
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.trainer.states import TrainerFn, TrainerState
@@ -75,7 +76,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
         progress_bar_metrics=_to_cpu(dict(trainer.progress_bar_metrics)),
         fit_loop_state=trainer.fit_loop.state_dict() if fn == TrainerFn.FITTING else None,
         callback_states={cb.state_key: _to_cpu(cb.state_dict()) for cb in trainer.callbacks if cb.state_dict()},
-        files=_files_for_driver(trainer) if context.placement.node_id != context.driver_node_id else {},
+        files=_files_for_driver(trainer) if _driver_cannot_see_files(context) else {},
         extras=host.collect_results(trainer, context),
     )
     return output
@@ -106,6 +107,24 @@ def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost)
     host.apply_results(trainer, output.extras)
 
 
+def driver_filesystem_node() -> str:
+    """The Ray node whose filesystem the driver writes to; "" for a Ray Client driver, which runs on no Ray node.
+
+    Ray Client answers ``get_node_id()`` with the head node that proxies it, but the driver's files live on the
+    client's machine, so only "no node" makes rank 0 send its files there.
+    """
+    if ray.util.client.ray.is_connected():
+        return ""
+    return ray.get_runtime_context().get_node_id()
+
+
+def _driver_cannot_see_files(context: WorkerContext) -> bool:
+    # Relative paths (CSVLogger("logs")) resolve against each process's working directory: a driver on the head node
+    # of a `ray start` cluster has its own, unlike the workers there, which run in the directory of `ray start`.
+    other_cwd = bool(context.driver_cwd) and os.getcwd() != context.driver_cwd
+    return context.placement.node_id != context.driver_node_id or other_cwd
+
+
 def _files_for_driver(trainer: pl.Trainer) -> dict[str, bytes]:
     """Bytes of the checkpoints and logs rank 0 wrote, for a driver on another node (no shared filesystem assumed)."""
     paths: set[str] = set()
@@ -116,7 +135,7 @@ def _files_for_driver(trainer: pl.Trainer) -> dict[str, bytes]:
     for logger in trainer.loggers:
         if logger.log_dir and os.path.isdir(logger.log_dir):
             paths.update(str(p) for p in Path(logger.log_dir).rglob("*") if p.is_file() and p.suffix != ".ckpt")
-    return {os.path.abspath(path): Path(path).read_bytes() for path in sorted(paths) if os.path.isfile(path)}
+    return {os.path.normpath(path): Path(path).read_bytes() for path in sorted(paths) if os.path.isfile(path)}
 
 
 def _per_dataloader(predictions: list[Any], num_dataloaders: int) -> list[list[Any]]:

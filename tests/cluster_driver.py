@@ -1,0 +1,61 @@
+"""A training script as users run it against a Ray cluster; tests/test_cluster_launch_modes.py runs it three ways.
+
+``python cluster_driver.py [ADDRESS]``: ADDRESS goes to ``ray.init`` (``auto``, ``ray://host:port``); without it
+raylane connects by itself through ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver. The CSV logger
+and the checkpoints use relative paths, so they must appear under this process's working directory. Prints one line
+``RAYLANE_RESULT {json}`` with what the driver ended up with.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import ray
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from raylane import get_strategy
+from raylane.testing import ClassifierModel, make_loader
+
+RESULT_PREFIX = "RAYLANE_RESULT "
+
+
+def train() -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = ClassifierModel()
+    initial = model.layer.weight.detach().clone()
+    trainer = pl.Trainer(
+        strategy=get_strategy("ddp", workers=2),
+        max_epochs=2,
+        logger=CSVLogger("logs"),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, make_loader(8, samples=64), make_loader(8, samples=32))
+    best = Path(trainer.checkpoint_callback.best_model_path)
+    saved = torch.load(best, weights_only=False)["state_dict"]["layer.weight"] if best.is_file() else None
+    log_dir = Path(trainer.logger.log_dir)
+    metrics_csv = log_dir / "metrics.csv"
+    return {
+        "ray_client": ray.util.client.ray.is_connected(),
+        "status": trainer.state.status.value,
+        "epoch": trainer.current_epoch,
+        "global_step": trainer.global_step,
+        "metrics": {name: float(value) for name, value in trainer.callback_metrics.items()},
+        "weights_changed": not torch.equal(initial, model.layer.weight),
+        "checkpoint": str(best.resolve()),
+        "checkpoint_holds_driver_weights": saved is not None and torch.equal(saved, model.layer.weight),
+        "log_dir": str(log_dir.resolve()),
+        "metrics_csv_rows": len(metrics_csv.read_text().splitlines()) if metrics_csv.is_file() else 0,
+    }
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1:
+        ray.init(address=sys.argv[1])
+    print(RESULT_PREFIX + json.dumps({"cwd": os.getcwd(), **train()}), flush=True)

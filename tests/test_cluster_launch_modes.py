@@ -1,0 +1,191 @@
+"""The three ways Ray users run a training script on a cluster, each against a real ``ray start --head``.
+
+1. On the head node: ``ray.init(address="auto")`` with ``RAY_ADDRESS`` naming the cluster.
+2. Ray Jobs: ``ray job submit --working-dir ... -- python train.py`` through the dashboard's job server.
+3. Ray Client: ``ray.init("ray://host:port")`` from a process that is no Ray node.
+
+One head per module (4 CPUs, its own temp dir and ports, token auth off so no machine-wide token is needed), started
+in the directory ``head/`` so its workers resolve relative paths elsewhere than the drivers do. The script
+(tests/cluster_driver.py) logs with ``CSVLogger("logs")`` and checkpoints under it: weights, metrics and those files
+must all be where the driver looks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster_driver import RESULT_PREFIX
+
+pytestmark = pytest.mark.timeout(240)
+
+DRIVER_SCRIPT = Path(__file__).with_name("cluster_driver.py")
+HEAD_START_TIMEOUT = 90
+DRIVER_TIMEOUT = 180
+# ray start picks fixed default ports for these; free ones let the head share the machine with other Ray instances.
+HEAD_PORT_OPTIONS = (
+    "port",
+    "ray-client-server-port",
+    "dashboard-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+    "node-manager-port",
+    "object-manager-port",
+)
+
+
+@dataclass(frozen=True)
+class Head:
+    gcs_address: str
+    dashboard_url: str
+    client_address: str
+    cwd: Path
+    env: dict[str, str]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop every process of this head (its own process group), never another Ray on the machine (no `ray stop`)."""
+    for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                process.wait(timeout=5)
+                return
+            process.poll()  # reap the `ray start` process itself, so only its children keep the group alive
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
+    ports = {option: _free_port() for option in HEAD_PORT_OPTIONS}
+    cwd = tmp_path_factory.mktemp("head")
+    temp_dir = tempfile.mkdtemp(prefix="rlh", dir="/tmp")  # short: Ray's socket paths live under it
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "4"]
+    command += ["--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
+    command += ["--temp-dir", temp_dir, "--disable-usage-stats"]
+    command += [arg for option, port in ports.items() for arg in (f"--{option}", str(port))]
+    log = cwd / "ray_start.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        dashboard_url = f"http://127.0.0.1:{ports['dashboard-port']}"
+        deadline = time.monotonic() + HEAD_START_TIMEOUT
+        while not (_answers(f"{dashboard_url}/api/version") and _accepts(ports["ray-client-server-port"])):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start --head did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield Head(
+            gcs_address=f"127.0.0.1:{ports['port']}",
+            dashboard_url=dashboard_url,
+            client_address=f"ray://127.0.0.1:{ports['ray-client-server-port']}",
+            cwd=cwd,
+            env=env,
+        )
+    finally:
+        _stop(process)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=DRIVER_TIMEOUT)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _result(output: str) -> dict[str, Any]:
+    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
+    assert len(lines) == 1, f"no result line in:\n{output[-3000:]}"
+    return json.loads(lines[0][len(RESULT_PREFIX) :])
+
+
+def _assert_trained(result: dict[str, Any], driver_cwd: Path) -> None:
+    assert result["status"] == "finished" and result["epoch"] == 2 and result["global_step"] == 8
+    assert result["weights_changed"], "the trained weights came back to the driver's model"
+    assert {"train_loss", "val_loss"} <= set(result["metrics"])
+    # Relative paths resolve against the driver's working directory, and the files are there.
+    assert Path(result["checkpoint"]).is_relative_to(driver_cwd.resolve())
+    assert result["checkpoint_holds_driver_weights"]
+    assert Path(result["log_dir"]).is_relative_to(driver_cwd.resolve())
+    assert result["metrics_csv_rows"] >= 3, "a header and a row per epoch"
+
+
+def test_driver_on_the_head_node_connects_with_address_auto(head: Head, tmp_path: Path) -> None:
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+    result = _result(_run([sys.executable, str(DRIVER_SCRIPT), "auto"], tmp_path, env).stdout)
+
+    assert not result["ray_client"]
+    _assert_trained(result, tmp_path)
+    assert Path(result["checkpoint"]).is_file() and Path(result["log_dir"], "metrics.csv").is_file()
+
+
+def test_ray_job_submit_runs_the_script_and_its_logs_show_the_result(head: Head, tmp_path: Path) -> None:
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    shutil.copy(DRIVER_SCRIPT, job_dir / "train.py")
+    ray_cli = Path(sys.executable).with_name("ray")
+    submit = [str(ray_cli), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(job_dir)]
+    output = _run([*submit, "--", sys.executable, "train.py"], tmp_path, head.env).stdout
+
+    assert "succeeded" in output.lower()
+    result = _result(output)  # the job's own output, streamed back by `ray job submit`
+    assert not result["ray_client"]
+    # The job's driver runs in Ray's copy of the working dir on the head node, and finds its files there.
+    _assert_trained(result, Path(result["cwd"]))
+
+
+def test_ray_client_driver_gets_checkpoints_and_logs_on_its_own_filesystem(head: Head, tmp_path: Path) -> None:
+    result = _result(_run([sys.executable, str(DRIVER_SCRIPT), head.client_address], tmp_path, head.env).stdout)
+
+    assert result["ray_client"]
+    _assert_trained(result, tmp_path)
+    # On the client's side: here the same machine, but another directory than the workers' (the head's).
+    assert Path(result["checkpoint"]).is_file() and Path(result["log_dir"], "metrics.csv").is_file()
