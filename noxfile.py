@@ -17,7 +17,7 @@ TEST_PLUGINS = ["tests/plugins/raylane-echo"]
 PYTEST = ["pytest", "-q", "-p", "no:cacheprovider"]
 
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "core", "backend", "integration", "tune"]
+nox.options.sessions = ["lint", "docs", "core", "backend", "integration", "tune"]
 nox.options.error_on_missing_interpreters = True
 
 
@@ -31,6 +31,14 @@ def lint(session: nox.Session) -> None:
     session.install("ruff==0.17.6")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site, built with warnings as errors. mkdocstrings reads the source statically: no torch."""
+    session.install("-r", "docs/requirements.txt")
+    site = Path(session.create_tmp()) / "site"
+    session.run("mkdocs", "build", "--strict", "--site-dir", str(site), env={"NO_MKDOCS_2_WARNING": "1"})
 
 
 @nox.session
