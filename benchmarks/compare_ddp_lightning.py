@@ -41,23 +41,27 @@ class SyntheticDigits(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         self.train_set = synthetic_digits(self.samples, self.seed)
+        self.test_set = synthetic_digits(max(1, self.samples // 4), self.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=self.batch_size)
 
 
 def processes(config: str) -> int:
     return 1 if config == "one_process" else PROCESSES
 
 
-def trainer_flags(config: str) -> dict[str, Any]:
+def trainer_flags(config: str, **raylane_options: Any) -> dict[str, Any]:
     """The Trainer arguments that make each configuration what it is; everything else is shared."""
     if config == "one_process":
         return {"accelerator": "cpu", "devices": 1}
     if config == "ddp_spawn":
         return {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": PROCESSES}
     if config == "raylane":
-        return {"strategy": get_strategy("ddp", workers=PROCESSES), "accelerator": "cpu"}
+        return {"strategy": get_strategy("ddp", workers=PROCESSES, **raylane_options), "accelerator": "cpu"}
     raise ValueError(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
 
 
@@ -67,24 +71,33 @@ def run(config: str, workload: Workload, one_process_threads: int | None = None)
     ``one_process_threads`` sets torch's threads for ``one_process`` only (it runs in this process); ``None`` keeps
     torch's default. The other configurations' processes choose their own: one thread each, from Lightning or Ray.
     """
-    pl.seed_everything(workload.seed, verbose=False)
-    model = DigitsClassifier(hidden=workload.hidden)
-    data = SyntheticDigits(workload.samples, workload.seed, workload.batch_per_process(processes(config)))
-    trainer = pl.Trainer(max_epochs=workload.epochs, callbacks=[LoopTimer()], **QUIET_TRAINER, **trainer_flags(config))
+    trainer, model, data = build(config, workload)
     default_threads = torch.get_num_threads()
     if config == "one_process" and one_process_threads is not None:
         torch.set_num_threads(one_process_threads)
     try:
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         trainer.fit(model, datamodule=data)
         fit_s = time.perf_counter() - start
     finally:
         torch.set_num_threads(default_threads)
-        _release_workers(trainer)
-    return RunResult.from_metrics(fit_s, measured(trainer.callback_metrics))
+        release_workers(trainer)
+    return RunResult.from_metrics(fit_s, measured(trainer.callback_metrics), started_at)
 
 
-def _release_workers(trainer: pl.Trainer) -> None:
+def build(
+    config: str, workload: Workload, **raylane_options: Any
+) -> tuple[pl.Trainer, DigitsClassifier, SyntheticDigits]:
+    """The Trainer, model and data of one run, seeded; ``raylane_options`` go to ``get_strategy`` for raylane."""
+    pl.seed_everything(workload.seed, verbose=False)
+    model = DigitsClassifier(hidden=workload.hidden)
+    data = SyntheticDigits(workload.samples, workload.seed, workload.batch_per_process(processes(config)))
+    flags = trainer_flags(config, **raylane_options)
+    trainer = pl.Trainer(max_epochs=workload.epochs, callbacks=[LoopTimer()], **QUIET_TRAINER, **flags)
+    return trainer, model, data
+
+
+def release_workers(trainer: pl.Trainer) -> None:
     """Stop raylane's workers, which it keeps warm for a next entry point, before the next configuration runs.
 
     With ``idle_timeout`` set, they would hold their CPUs that long, or until the cyclic garbage collector happens to

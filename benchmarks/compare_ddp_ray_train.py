@@ -49,7 +49,7 @@ def run(workload: Workload, storage_path: str) -> RunResult:
         scaling_config=ScalingConfig(num_workers=PROCESSES, use_gpu=False),
         run_config=RunConfig(storage_path=storage_path),
     )
-    start = time.perf_counter()
+    started_at, start = time.time(), time.perf_counter()
     try:
         result = trainer.fit()
     except Exception as err:
@@ -59,7 +59,7 @@ def run(workload: Workload, storage_path: str) -> RunResult:
     metrics: dict[str, float] | None = getattr(result, "return_value", None) or result.metrics
     if not metrics:
         raise RayTrainUnavailable("Ray Train's TorchTrainer returned neither the loop's return value nor its metrics")
-    return RunResult.from_metrics(fit_s, metrics)
+    return RunResult.from_metrics(fit_s, metrics, started_at)
 
 
 def _train_loop(config: dict[str, Any]) -> dict[str, float]:

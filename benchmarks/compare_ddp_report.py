@@ -17,17 +17,26 @@ BASELINE = "raylane"  # every ratio is this configuration over another
 
 @dataclass(frozen=True)
 class RunResult:
-    """One timed ``fit``: wall time as the caller saw it; rank 0's loop time, torch threads and last training loss."""
+    """One timed ``fit``: wall time as the caller saw it; rank 0's loop time, torch threads and last training loss;
+    and seconds from calling ``fit`` until every rank had finished its first optimizer step (start-up)."""
 
     fit_s: float
     loop_s: float
     threads: int
     train_loss: float
+    first_step_s: float = float("nan")
 
     @classmethod
-    def from_metrics(cls, fit_s: float, metrics: Mapping[str, float]) -> RunResult:
-        """From the fit time and what :func:`compare_ddp_timer.measured` returned on rank 0."""
-        return cls(fit_s, metrics["train_loop_s"], int(metrics["train_threads"]), metrics["train_loss"])
+    def from_metrics(cls, fit_s: float, metrics: Mapping[str, float], started_at: float = float("nan")) -> RunResult:
+        """From the fit time, what :func:`compare_ddp_timer.measured` returned on rank 0, and the ``time.time()`` at
+        which ``fit`` was called."""
+        return cls(
+            fit_s,
+            metrics["train_loop_s"],
+            int(metrics["train_threads"]),
+            metrics["train_loss"],
+            metrics.get("first_step_at", float("nan")) - started_at,
+        )
 
 
 def summarise(
@@ -168,3 +177,15 @@ def format_table(report: Mapping[str, Any]) -> str:
             f"whole process {startup['median_process_s']:.2f} s); not included in any fit time above"
         )
     return "\n".join(lines)
+
+
+def ratio_lines(configs: Mapping[str, Mapping[str, float]], keys: Sequence[str]) -> list[str]:
+    """One line per other configuration: the baseline's median figures over its (below 1: the baseline is faster)."""
+    if BASELINE not in configs:
+        return []
+    ours = configs[BASELINE]
+    return [
+        f"{BASELINE}/{name}: " + ", ".join(f"{ours[key] / theirs[key]:.2f}x {key}" for key in keys)
+        for name, theirs in configs.items()
+        if name != BASELINE
+    ]

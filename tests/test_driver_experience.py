@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -74,3 +75,28 @@ def test_logger_writes_where_the_driver_trainer_points(tmp_path: Path) -> None:
     assert metrics.is_file(), f"rank 0 should have logged into {trainer.logger.log_dir}"
     assert "train_loss" in metrics.read_text().splitlines()[0]
     assert Path(trainer.checkpoint_callback.best_model_path).parent.parent == Path(trainer.logger.log_dir)
+
+
+@pytest.mark.timeout(120)
+def test_start_up_line_names_backend_placement_and_dashboard(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    ensure_local_ray()
+    # Ray reads this override before anything else when asked for the dashboard's address.
+    monkeypatch.setenv("RAY_OVERRIDE_DASHBOARD_URL", "http://dashboard.example:8265")
+    caplog.set_level(logging.INFO)
+    trainer = pl.Trainer(
+        strategy=get_strategy("ddp", workers=2),
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(ClassifierModel(), make_loader(8))
+    lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("raylane: ddp")]
+    assert len(lines) == 1, lines  # one line per start of the workers
+    line = lines[0]
+    assert "2 worker(s) on 1 node(s)" in line and "placement PACK" in line, line
+    assert "1 CPU and 0 GPU per worker" in line and "devices cpu" in line, line
+    assert line.endswith("Ray dashboard http://dashboard.example:8265"), line

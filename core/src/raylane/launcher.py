@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -51,6 +52,8 @@ class RayLauncher(_lightning.Launcher):
         self._busy = False
         self._idle_timer: threading.Timer | None = None
         self.last_checkpoint: str | None = None  # newest checkpoint rank 0 saved, where a restart resumes from
+        # Wall-clock marks (time.time()) of the last entry point, on the driver and on each rank: see benchmarks/.
+        self.timeline: dict[str, Any] = {}
 
     @property
     def is_interactive_compatible(self) -> bool:
@@ -93,7 +96,9 @@ class RayLauncher(_lightning.Launcher):
     def _launch_once(
         self, host: BackendHost, trainer: pl.Trainer, function: Callable[..., Any], args: Any, kwargs: Any
     ) -> Any:
+        marks = {"launch": time.time()}
         payload = put_payload(LaunchPayload(trainer, function, args, kwargs, GlobalTorchState.capture()))
+        marks["payload_stored"] = time.time()
         with self._lock:
             self._busy = True
             if self._idle_timer is not None:
@@ -101,15 +106,21 @@ class RayLauncher(_lightning.Launcher):
         try:
             group = self._warm_group(host)
             outputs = group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
+            # A warm group's start() marks belong to an earlier entry point.
+            marks.update({name: at for name, at in group.marks.items() if at >= marks["launch"]})
+            marks["outputs_received"] = time.time()
         except BaseException:  # failures, Ctrl-C: nothing may keep running or stay reserved
             self._busy = False
             self.release()
             raise
         self._busy = False
         self._start_idle_timer()
+        marks["workers_released_or_kept"] = time.time()
         rank_zero = outputs[0].rank_zero
         assert rank_zero is not None, "rank 0 always reports the trainer state"
         apply_output(trainer, rank_zero, host)
+        marks["results_applied"] = time.time()
+        self.timeline = {"driver": marks, "workers": [output.marks for output in outputs]}
         if trainer.state.fn == TrainerFn.PREDICTING and outputs[0].predictions is not None:
             return merge_predictions(
                 [o.predictions or [] for o in outputs],
@@ -223,10 +234,33 @@ def _fix_logger_versions(trainer: pl.Trainer) -> None:
 
 def _log_start(group: WorkerGroup) -> None:
     options = group.options
-    nodes = {context.placement.node_id for context in group.contexts}
+    per_node: dict[str, int] = {}
+    for context in group.contexts:
+        per_node[context.placement.node_ip] = per_node.get(context.placement.node_ip, 0) + 1
+    nodes = len({context.placement.node_id for context in group.contexts})
+    where = ", ".join(f"{ip}: {count}" for ip, count in per_node.items())
     devices = ", ".join(sorted({context.device for context in group.contexts}))
+    dashboard = _dashboard_url()
     rank_zero_info(
-        f"raylane: {group.host.backend} backend on {options.workers} Ray worker(s) across {len(nodes)} node(s), "
-        f"placement {options.placement_strategy}; {options.cpus_per_worker:g} CPU and {options.gpus:g} GPU per "
-        f"worker; devices {devices}"
+        f"raylane: {group.host.backend} backend, {options.workers} worker(s) on {nodes} node(s) ({where}), placement "
+        f"{options.placement_strategy}; {options.cpus_per_worker:g} CPU and {options.gpus:g} GPU per worker, devices "
+        f"{devices}; " + (f"Ray dashboard {dashboard}" if dashboard else "no Ray dashboard")
     )
+
+
+def _dashboard_url() -> str | None:
+    """The Ray dashboard's address, or None when Ray runs without one.
+
+    Ray's only public way to it is the return value of ``ray.init()``, which raylane does not see when the user
+    connected; so this asks Ray's worker module, and treats any failure (a Ray Client driver, a Ray that moved the
+    function) as no dashboard.
+    """
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except Exception:
+        return None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"

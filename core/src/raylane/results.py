@@ -19,6 +19,7 @@ from pytorch_lightning.trainer.states import TrainerFn, TrainerState
 from torch import Tensor
 
 from raylane import _lightning
+from raylane.weights import pack_state_dict, unpack_state_dict
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -33,7 +34,7 @@ class RankZeroOutput:
 
     trainer_state: TrainerState
     results: Any
-    state_dict: dict[str, Tensor] | None
+    state_dict: dict[str, Any] | None  # tensors as raylane.weights.TensorBytes
     callback_metrics: dict[str, Any]
     logged_metrics: dict[str, Any]
     progress_bar_metrics: dict[str, Any]
@@ -52,13 +53,14 @@ class WorkerOutput:
     batch_indices: list[list[list[int]]] | None = None
     batch_sizes: list[int | None] | None = None
     rank_zero: RankZeroOutput | None = None
+    marks: dict[str, float] = field(default_factory=dict)  # wall-clock start-up marks (time.time()), for benchmarks
 
 
 def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, host: BackendHost) -> WorkerOutput:
     """Run on every worker after the entry point; rank 0 includes the Trainer's state."""
     fn = trainer.state.fn
     # Every rank computes the state dict: torchmetrics may synchronise across ranks inside it.
-    state_dict = _to_cpu(trainer.strategy.lightning_module_state_dict()) if fn == TrainerFn.FITTING else None
+    state_dict = pack_state_dict(trainer.strategy.lightning_module_state_dict()) if fn == TrainerFn.FITTING else None
     output = WorkerOutput(rank=context.global_rank)
     if fn == TrainerFn.PREDICTING and results is not None:
         output.predictions = _per_dataloader(_to_cpu(results), len(_lightning.predict_batch_indices(trainer)))
@@ -86,7 +88,7 @@ def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost)
     """Make the driver's Trainer and LightningModule look as if the entry point had run in this process."""
     if output.state_dict is not None:
         # Not strict, as Lightning's spawn launcher: configure_model may add layers only the workers built.
-        trainer.lightning_module.load_state_dict(output.state_dict, strict=False)
+        trainer.lightning_module.load_state_dict(unpack_state_dict(output.state_dict), strict=False)
     trainer.state = output.trainer_state
     trainer.callback_metrics.update(output.callback_metrics)
     trainer.logged_metrics.update(output.logged_metrics)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from typing import Any
 
 import ray
@@ -16,6 +17,9 @@ from raylane.registry import backend_host
 from raylane.results import WorkerOutput, collect_output
 from raylane.topology import WorkerPlacement
 
+# When this process finished importing torch, Lightning and raylane: the bulk of an actor's start-up.
+_IMPORTED_AT = time.time()
+
 
 class Worker:
     """One rank's process. Threaded (two threads): one runs the entry point, the other answers relay polls."""
@@ -23,6 +27,8 @@ class Worker:
     def __init__(self, rank: int) -> None:
         self._rank = rank
         self._outbox = relay.Outbox()
+        # Wall-clock marks of this worker's start-up, returned with each output (see WorkerOutput.marks).
+        self._marks = {"imports_done": _IMPORTED_AT, "actor_ready": time.time()}
 
     def __repr__(self) -> str:
         # Ray prefixes this actor's log lines with its repr: "(raylane rank 1 pid=...)".
@@ -51,11 +57,14 @@ class Worker:
     def run(self, context: WorkerContext, payload_ref: list[ray.ObjectRef]) -> WorkerOutput:
         """Run one entry point. The payload arrives as a nested reference so it is unpickled only after sys.path and
         the environment are ready (the user's modules may live next to the driver's script)."""
+        marks = {**self._marks, "run_started": time.time()}
+        self._marks = {}  # the actor's own start-up counts once, for its first entry point
         os.environ.update(context.env)
         for path in reversed(context.driver_sys_path):
             if path not in sys.path and os.path.isdir(path):
                 sys.path.insert(0, path)
         payload: LaunchPayload = ray.get(payload_ref[0])
+        marks["payload_loaded"] = time.time()
         payload.global_state.restore()
         if context.options.init_hook is not None:
             context.options.init_hook()
@@ -65,12 +74,15 @@ class Worker:
             torch.cuda.set_device(torch.device(context.device))
         host = backend_host(context.backend)
         host.setup_process_group(context)
+        marks["process_group_up"] = time.time()
         relay.activate(self._outbox if context.global_rank == 0 else None)
         try:
             payload.trainer.strategy.adopt_worker_context(context)  # type: ignore[attr-defined]
             with console.worker_console(context.global_rank):
                 results = payload.function(*payload.args, **payload.kwargs)
-            return collect_output(payload.trainer, results, context, host)
+            output = collect_output(payload.trainer, results, context, host)
+            output.marks = {**marks, "output_collected": time.time()}
+            return output
         finally:
             relay.activate(None)
             host.teardown_process_group(context)
