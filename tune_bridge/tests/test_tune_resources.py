@@ -97,7 +97,8 @@ def test_a_strategy_takes_no_further_options() -> None:
         get_tune_resources(get_strategy("ddp", workers=2), cpus_per_worker=2)
 
 
-@pytest.mark.parametrize("thing", [3, object(), None])
+# A whole number (or nothing) is ray_lightning's num_workers: see test_tune_ray_lightning_forms.py.
+@pytest.mark.parametrize("thing", [2.5, object(), b"ddp"])
 def test_anything_else_is_rejected(thing: object) -> None:
     with pytest.raises(ConfigurationError, match="backend name"):
         get_tune_resources(thing)  # type: ignore[arg-type]

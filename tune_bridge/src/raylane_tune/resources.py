@@ -23,8 +23,8 @@ DRIVER_RESOURCES_DEFAULT: Mapping[str, float] = {}
 
 
 def get_tune_resources(
-    backend_or_strategy: str | Strategy,
-    *,
+    backend_or_strategy: str | Strategy | int | None = None,
+    *ray_lightning_args: Any,
     driver_resources: Mapping[str, float] | None = None,
     **options: Any,
 ) -> PlacementGroupFactory:
@@ -35,7 +35,22 @@ def get_tune_resources(
     used). The backend decides the workers' bundles (hook ``raylane_placement_bundles``); they follow the trial's
     first bundle, ``driver_resources`` (Ray resource names, e.g. ``{"CPU": 1}``; default nothing), and are placed
     with the strategy's ``placement_strategy``.
+
+    ray_lightning's form, ``get_tune_resources(num_workers, num_cpus_per_worker=1, use_gpu=False)`` (positional or
+    by name), keeps its meaning: see :func:`raylane_tune.legacy.ray_lightning_tune_resources`.
     """
+    if backend_or_strategy is None or (
+        isinstance(backend_or_strategy, int) and not isinstance(backend_or_strategy, bool)
+    ):
+        from raylane_tune.legacy import ray_lightning_tune_resources
+
+        leading = () if backend_or_strategy is None else (backend_or_strategy,)
+        return ray_lightning_tune_resources(*leading, *ray_lightning_args, driver_resources=driver_resources, **options)
+    if ray_lightning_args:
+        raise ConfigurationError(
+            f"get_tune_resources({backend_or_strategy!r}, ...): after a backend or strategy, options go by name, "
+            "e.g. get_tune_resources('ddp', workers=2, cpus_per_worker=1)."
+        )
     if isinstance(backend_or_strategy, str):
         backend = backend_or_strategy
         host = backend_host(backend)
