@@ -1,54 +1,76 @@
 """Fails by name when a Lightning release changes a private API raylane depends on (all of it is in raylane._lightning).
 
-If one of these fails after a Lightning upgrade, adapt raylane/_lightning.py; nothing else in raylane reaches into
-Lightning's internals.
+Each check runs against both namespaces, ``pytorch_lightning`` and ``lightning.pytorch`` (the unified ``lightning``
+package). If one fails after a Lightning upgrade, adapt raylane/_lightning.py; nothing else in raylane
+reaches into Lightning's internals.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+from types import ModuleType
 
-import pytorch_lightning as pl
+import pytest
 import torch
-from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.strategies.launchers.launcher import _Launcher
 from torch.utils.data import DataLoader, TensorDataset
 
 from raylane import _lightning
+from raylane.launcher import RayLauncher
+from raylane.strategy import RayClusterEnvironment
 
 
-def test_launcher_interface_is_what_the_ray_launcher_implements() -> None:
-    assert _lightning.Launcher is _Launcher
-    abstract = set(getattr(_Launcher, "__abstractmethods__", set()))
+@pytest.fixture(params=_lightning.NAMESPACES)
+def lightning(request: pytest.FixtureRequest) -> ModuleType:
+    return importlib.import_module(request.param)  # core's testing extra installs both packages
+
+
+def test_launcher_interface_is_what_the_ray_launcher_implements(lightning: ModuleType) -> None:
+    launcher = _lightning.launcher_base(lightning)
+    assert launcher.__module__ == f"{lightning.__name__}.strategies.launchers.launcher"
+    abstract = set(getattr(launcher, "__abstractmethods__", set()))
     assert abstract == {"launch", "kill", "is_interactive_compatible"}, abstract
-    params = list(inspect.signature(_Launcher.launch).parameters)
+    assert abstract <= set(dir(RayLauncher))
+    params = list(inspect.signature(launcher.launch).parameters)
     assert params[:2] == ["self", "function"]
 
 
-def test_strategies_build_their_launcher_in_configure_launcher() -> None:
-    assert callable(getattr(DDPStrategy, "_configure_launcher", None))
+def test_strategies_build_their_launcher_in_configure_launcher(lightning: ModuleType) -> None:
+    ddp = lightning.strategies.DDPStrategy
+    assert callable(getattr(ddp, "_configure_launcher", None))
 
-    class Probe(_lightning.LauncherSlot, DDPStrategy):
+    class Probe(_lightning.LauncherSlot, ddp):  # type: ignore[misc,valid-type]
         built = 0
 
-        def make_launcher(self) -> _Launcher:
+        def make_launcher(self) -> None:
             Probe.built += 1
-            return None  # type: ignore[return-value]
 
-    pl.Trainer(strategy=Probe(), accelerator="cpu", logger=False)
+    lightning.Trainer(strategy=Probe(), accelerator="cpu", logger=False)
     assert Probe.built == 1, "Lightning no longer calls Strategy._configure_launcher while building the Trainer"
 
 
-class _Predictor(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-
-    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self.layer(batch[0])
+def test_the_cluster_environment_has_every_method_lightning_declares(lightning: ModuleType) -> None:
+    base = _lightning.fabric(lightning).plugins.environments.ClusterEnvironment
+    declared = {name for name, _ in inspect.getmembers(base) if not name.startswith("_")}
+    assert declared <= set(dir(RayClusterEnvironment)), declared - set(dir(RayClusterEnvironment))
 
 
-def test_predict_records_the_sample_indices_of_each_batch() -> None:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
-    trainer.predict(_Predictor(), DataLoader(TensorDataset(torch.randn(5, 2)), batch_size=2))
+def test_trainer_functions_have_the_values_raylane_compares_with(lightning: ModuleType) -> None:
+    states = lightning.trainer.states
+    assert states.TrainerFn.FITTING == _lightning.FITTING
+    assert states.TrainerFn.PREDICTING == _lightning.PREDICTING
+
+
+def test_predict_records_the_sample_indices_of_each_batch(lightning: ModuleType) -> None:
+    class Predictor(lightning.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.layer(batch[0])
+
+    trainer = lightning.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer.predict(Predictor(), DataLoader(TensorDataset(torch.randn(5, 2)), batch_size=2))
     assert _lightning.predict_batch_indices(trainer) == [[[0, 1], [2, 3], [4]]]
+    assert _lightning.namespace_of(trainer) is lightning

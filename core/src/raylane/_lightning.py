@@ -1,23 +1,95 @@
-"""Every use of Lightning's private API in raylane, and nowhere else.
+"""Every use of Lightning's private API in raylane, and which of Lightning's two namespaces a run uses.
+
+Lightning ships the same classes twice: ``pytorch_lightning`` (with ``lightning_fabric``) and ``lightning.pytorch``
+(with ``lightning.fabric``) in the unified ``lightning`` package. A Trainer accepts only strategies of its own copy, so
+raylane never imports either at import time: each strategy class is built for one namespace module (see
+:mod:`raylane.strategy`), and everything here takes that module.
 
 Lightning has no public way to replace how a strategy starts its processes, so the launcher plugs into the private
 ``_Launcher`` interface and ``Strategy._configure_launcher``. ``tests/test_lightning_contract.py`` checks each name used
-here against the installed Lightning, so a release that changes one fails that test by name instead of breaking users.
+here against every installed namespace, so a release that changes one fails that test by name instead of breaking
+users.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import sys
 from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from pytorch_lightning.strategies.launchers.launcher import _Launcher
+from raylane.errors import ConfigurationError
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
-Launcher = _Launcher
-"""Base class of a strategy's process launcher: ``launch(function, *args, trainer=..., **kwargs)`` and ``kill``."""
+# Each Lightning namespace (the Trainer's package) with its Fabric twin.
+FABRIC_OF = {"pytorch_lightning": "lightning_fabric", "lightning.pytorch": "lightning.fabric"}
+NAMESPACES = tuple(FABRIC_OF)
+ALIASES = {"lightning": "lightning.pytorch", "pl": "pytorch_lightning"}
+# TrainerFn's values (a str enum, equal to these in both namespaces).
+FITTING = "fit"
+PREDICTING = "predict"
+
+
+def namespace(lightning: ModuleType | str | None = None) -> ModuleType:
+    """The Lightning namespace module a strategy is for.
+
+    ``lightning`` names it (``"pytorch_lightning"``, ``"lightning.pytorch"``, or ``"lightning"`` for the latter) or is
+    the module itself; ``None`` picks the one this process imported, which must be exactly one.
+    """
+    if isinstance(lightning, ModuleType):
+        lightning = lightning.__name__
+    if lightning is None:
+        return importlib.import_module(imported_namespace())
+    name = ALIASES.get(lightning, lightning)
+    if name not in FABRIC_OF:
+        raise ConfigurationError(
+            f"lightning={lightning!r} is not a Lightning namespace; use 'pytorch_lightning' or 'lightning.pytorch'."
+        )
+    return importlib.import_module(name)
+
+
+def imported_namespaces() -> list[str]:
+    """The Lightning namespaces this process has imported so far."""
+    return [name for name in NAMESPACES if name in sys.modules]
+
+
+def imported_namespace() -> str:
+    imported = imported_namespaces()
+    if len(imported) == 1:
+        return imported[0]
+    if imported:
+        problem = "both pytorch_lightning and lightning.pytorch are imported in this process"
+    else:
+        problem = "neither pytorch_lightning nor lightning.pytorch is imported yet"
+    raise ConfigurationError(
+        f"raylane cannot tell which Lightning your Trainer comes from: {problem}. Import the one you train with first "
+        "(`import lightning.pytorch as pl` or `import pytorch_lightning as pl`), or pass "
+        "lightning='lightning.pytorch' or lightning='pytorch_lightning' to get_strategy."
+    )
+
+
+def namespace_of(obj: object) -> ModuleType:
+    """The Lightning namespace a Trainer, strategy or callback (or a subclass of one) belongs to."""
+    classes = obj.__mro__ if isinstance(obj, type) else type(obj).__mro__
+    for cls in classes:
+        for name in NAMESPACES:
+            if cls.__module__ == name or cls.__module__.startswith(f"{name}."):
+                return sys.modules[name]
+    raise TypeError(f"{obj!r} is not a Lightning object")
+
+
+def fabric(lightning: ModuleType) -> ModuleType:
+    """The Fabric package that ships with ``lightning`` (cluster environments, rank-zero utilities)."""
+    return importlib.import_module(FABRIC_OF[lightning.__name__])
+
+
+def launcher_base(lightning: ModuleType) -> type:
+    """Base class of a strategy's process launcher: ``launch(function, *args, trainer=..., **kwargs)`` and ``kill``."""
+    return importlib.import_module(f"{lightning.__name__}.strategies.launchers.launcher")._Launcher  # type: ignore[no-any-return]
 
 
 class LauncherSlot:
@@ -29,7 +101,7 @@ class LauncherSlot:
 
     _launcher: Any
 
-    def make_launcher(self) -> _Launcher:
+    def make_launcher(self) -> Any:
         raise NotImplementedError
 
     def _configure_launcher(self) -> None:

@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from raylane import _lightning
 from raylane.errors import RaylaneError
 from raylane.registry import backend_host, list_backends
 
@@ -32,7 +33,8 @@ def print_backends() -> int:
     rows = [("NAME", "DISTRIBUTION", "VERSION", "STATUS")]
     for info in backends:
         try:
-            backend_host(info.name).strategy_class()
+            # pytorch_lightning is core's own dependency, so always installed.
+            backend_host(info.name).strategy_class(_lightning.namespace("pytorch_lightning"))
             status = "ok"
         except RaylaneError as err:
             status = f"unusable: {err}"

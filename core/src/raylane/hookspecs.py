@@ -12,6 +12,7 @@ Ray worker actor.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -32,11 +33,15 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec(firstresult=True)
-def raylane_strategy_class() -> type[pl.strategies.Strategy]:
-    """*Driver.* The Lightning ``Strategy`` subclass that runs this backend.
+def raylane_strategy_class(lightning: ModuleType) -> type[pl.strategies.Strategy]:
+    """*Driver.* The Lightning ``Strategy`` subclass that runs this backend, for the Lightning namespace ``lightning``.
 
-    It must mix in :class:`raylane.strategy.RayStrategyMixin` so the core's launcher runs its entry points. Import the
-    class inside the implementation, so listing backends never imports heavy modules.
+    ``lightning`` is the module the user's Trainer comes from: ``pytorch_lightning`` or ``lightning.pytorch``, whose
+    Trainers each accept only their own strategies. Write the strategy once as
+    ``class MyStrategy(RayStrategyMixin, lightning_base="DDPStrategy")`` (see :mod:`raylane.strategy`) and return
+    ``MyStrategy.for_lightning(lightning)``. An implementation without the argument (the hook's first form) may return
+    a ``pytorch_lightning`` strategy; it then serves ``pytorch_lightning`` Trainers only. Import the class inside the
+    implementation, so listing backends never imports heavy modules.
     """
 
 

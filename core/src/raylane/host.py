@@ -8,6 +8,7 @@ loaded, so their hooks cannot answer for the selected one.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -47,8 +48,8 @@ class BackendHost:
     def plugin_names(self) -> list[str]:
         return [name for name, _ in self._pm.list_name_plugin()]
 
-    def strategy_class(self) -> type[pl.strategies.Strategy]:
-        strategy_class = self._pm.hook.raylane_strategy_class()
+    def strategy_class(self, lightning: ModuleType | None = None) -> type[pl.strategies.Strategy]:
+        strategy_class = self._pm.hook.raylane_strategy_class(lightning=lightning)
         if strategy_class is None:
             raise BackendLoadError(
                 f"Backend {self.backend!r} implements no raylane_strategy_class hook; a backend must return its "

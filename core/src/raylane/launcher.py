@@ -11,9 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import ray
-from pytorch_lightning.accelerators import CPUAccelerator
-from pytorch_lightning.trainer.states import TrainerFn
-from pytorch_lightning.utilities import rank_zero_info
+from lightning_utilities.core.rank_zero import rank_zero_info
 
 from raylane import _lightning, console, relay
 from raylane.errors import ConfigurationError, WorkerError
@@ -35,8 +33,10 @@ log = logging.getLogger(__name__)
 _LAUNCHERS: weakref.WeakSet[RayLauncher] = weakref.WeakSet()
 
 
-class RayLauncher(_lightning.Launcher):
+class RayLauncher:
     """Runs each Trainer entry point (fit, validate, test, predict) on the strategy's Ray worker actors.
+
+    Lightning's launcher interface in either namespace: each namespace's ``_Launcher`` registers it (raylane.strategy).
 
     The actors start with the first entry point and stay warm for the next ones (fit -> validate -> test -> predict
     pay start-up once). They are released when an entry point fails, after ``idle_timeout`` seconds without a next
@@ -73,7 +73,7 @@ class RayLauncher(_lightning.Launcher):
             try:
                 return self._launch_once(host, trainer, function, args, kwargs)
             except WorkerError as failure:
-                if trainer.state.fn != TrainerFn.FITTING or restarts >= options.max_failures:
+                if trainer.state.fn != _lightning.FITTING or restarts >= options.max_failures:
                     raise
                 if self.last_checkpoint is None:
                     raise WorkerError(
@@ -121,7 +121,7 @@ class RayLauncher(_lightning.Launcher):
         apply_output(trainer, rank_zero, host)
         marks["results_applied"] = time.time()
         self.timeline = {"driver": marks, "workers": [output.marks for output in outputs]}
-        if trainer.state.fn == TrainerFn.PREDICTING and outputs[0].predictions is not None:
+        if trainer.state.fn == _lightning.PREDICTING and outputs[0].predictions is not None:
             return merge_predictions(
                 [o.predictions or [] for o in outputs],
                 [o.batch_indices or [] for o in outputs],
@@ -201,7 +201,8 @@ def check_trainer_flags(trainer: pl.Trainer, workers: int) -> None:
         )
     # On a CPU driver devices="auto" means 1, so any other count was asked for. (A GPU driver's "auto" is its GPU
     # count, indistinguishable from an explicit one, so it is not checked there.)
-    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices not in (1, workers):
+    cpu = _lightning.namespace_of(trainer).accelerators.CPUAccelerator
+    if isinstance(trainer.accelerator, cpu) and trainer.num_devices not in (1, workers):
         raise ConfigurationError(
             f"Trainer(devices={trainer.num_devices}) contradicts get_strategy(workers={workers}). "
             "With raylane, workers= sets the number of processes; remove devices= from the Trainer."

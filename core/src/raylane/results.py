@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import ray
 from lightning_utilities.core.apply_func import apply_to_collection
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.trainer.states import TrainerFn, TrainerState
 from torch import Tensor
 
 from raylane import _lightning
@@ -23,6 +21,7 @@ from raylane.weights import pack_state_dict, unpack_state_dict
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
+    from pytorch_lightning.trainer.states import TrainerState
 
     from raylane.context import WorkerContext
     from raylane.host import BackendHost
@@ -60,9 +59,9 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
     """Run on every worker after the entry point; rank 0 includes the Trainer's state."""
     fn = trainer.state.fn
     # Every rank computes the state dict: torchmetrics may synchronise across ranks inside it.
-    state_dict = pack_state_dict(trainer.strategy.lightning_module_state_dict()) if fn == TrainerFn.FITTING else None
+    state_dict = pack_state_dict(trainer.strategy.lightning_module_state_dict()) if fn == _lightning.FITTING else None
     output = WorkerOutput(rank=context.global_rank)
-    if fn == TrainerFn.PREDICTING and results is not None:
+    if fn == _lightning.PREDICTING and results is not None:
         output.predictions = _per_dataloader(_to_cpu(results), len(_lightning.predict_batch_indices(trainer)))
         output.batch_indices = _lightning.predict_batch_indices(trainer)
         output.batch_sizes = _lightning.predict_batch_sizes(trainer)
@@ -76,7 +75,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
         callback_metrics=_to_cpu(dict(trainer.callback_metrics)),
         logged_metrics=_to_cpu(dict(trainer.logged_metrics)),
         progress_bar_metrics=_to_cpu(dict(trainer.progress_bar_metrics)),
-        fit_loop_state=trainer.fit_loop.state_dict() if fn == TrainerFn.FITTING else None,
+        fit_loop_state=trainer.fit_loop.state_dict() if fn == _lightning.FITTING else None,
         callback_states={cb.state_key: _to_cpu(cb.state_dict()) for cb in trainer.callbacks if cb.state_dict()},
         files=_files_for_driver(trainer) if _driver_cannot_see_files(context) else {},
         extras=host.collect_results(trainer, context),
@@ -98,11 +97,12 @@ def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost)
     for name, content in output.files.items():
         Path(name).parent.mkdir(parents=True, exist_ok=True)
         Path(name).write_bytes(content)
+    checkpoint_callback = _lightning.namespace_of(trainer).callbacks.ModelCheckpoint
     for callback in trainer.callbacks:
         state = output.callback_states.get(callback.state_key)
         if state is None:
             continue
-        if isinstance(callback, ModelCheckpoint):
+        if isinstance(callback, checkpoint_callback):
             # The directory is resolved inside the worker; adopt it so the full state (best scores) loads.
             callback.dirpath = state.get("dirpath", callback.dirpath)
         callback.load_state_dict(state)
@@ -130,8 +130,9 @@ def _driver_cannot_see_files(context: WorkerContext) -> bool:
 def _files_for_driver(trainer: pl.Trainer) -> dict[str, bytes]:
     """Bytes of the checkpoints and logs rank 0 wrote, for a driver on another node (no shared filesystem assumed)."""
     paths: set[str] = set()
+    checkpoint_callback = _lightning.namespace_of(trainer).callbacks.ModelCheckpoint
     for callback in trainer.checkpoint_callbacks:
-        if isinstance(callback, ModelCheckpoint):
+        if isinstance(callback, checkpoint_callback):
             paths.update(str(p) for p in (callback.best_model_path, callback.last_model_path) if p)
             paths.update(str(p) for p in callback.best_k_models)
     for logger in trainer.loggers:

@@ -1,31 +1,48 @@
-"""What turns a Lightning parallel strategy into one that runs on raylane's Ray workers.
+"""What turns a Lightning parallel strategy into one that runs on raylane's Ray workers, in either Lightning namespace.
 
-A backend's strategy is ``class MyStrategy(RayStrategyMixin, SomeLightningParallelStrategy)``. The mixin supplies the
-launcher, the ranks Ray decided and the worker's device; the Lightning base class keeps doing the training.
+A backend writes its strategy once, naming the Lightning class it extends::
+
+    class MyStrategy(RayStrategyMixin, lightning_base="DDPStrategy"):
+        def __init__(self, workers: int = 2, **options): ...  # zero-argument super() reaches DDPStrategy
+
+``MyStrategy.for_lightning(pytorch_lightning)`` (or ``lightning.pytorch``) is the real Lightning strategy class,
+``MyStrategy`` + that namespace's ``DDPStrategy``, built once per namespace; ``MyStrategy(...)`` builds an instance of
+the one for the Lightning this process imported. The mixin supplies the launcher, the ranks Ray decided and the
+worker's device; the Lightning base class keeps doing the training.
+
+A strategy written the older way, ``class MyStrategy(RayStrategyMixin, pytorch_lightning.strategies.DDPStrategy)``,
+still works, for that namespace only.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from lightning_fabric.plugins.environments import ClusterEnvironment
-from lightning_fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
-from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
-from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from raylane import relay
-from raylane._lightning import Launcher, LauncherSlot
+from raylane import _lightning, relay
 from raylane.options import LaunchOptions, split_options
 
 if TYPE_CHECKING:
     from raylane.context import WorkerContext
 
+LightningBase = str | Callable[[ModuleType], type]
+"""The Lightning strategy a raylane strategy extends: a class name in ``<namespace>.strategies``, or a function of the
+namespace module that returns the class."""
 
-class RayClusterEnvironment(ClusterEnvironment):
+
+class RayClusterEnvironment:
     """Ranks and rendezvous exactly as the launcher assigned them.
 
-    On the driver it describes a single rank-0 process; inside a worker it is filled from the worker's context.
+    On the driver it describes a single rank-0 process; inside a worker it is filled from the worker's context. It is
+    registered as a (virtual) ``ClusterEnvironment`` of each Lightning namespace a strategy is built for, so one class
+    serves both.
     """
 
     def __init__(self) -> None:
@@ -65,15 +82,88 @@ class RayClusterEnvironment(ClusterEnvironment):
     def node_rank(self) -> int:
         return self.context.node_rank if self.context else 0
 
+    def validate_settings(self, num_devices: int, num_nodes: int) -> None:
+        """Nothing to check: ``workers=`` decides, and the launcher rejects contradicting Trainer flags."""
 
-class RayStrategyMixin(LauncherSlot):
-    """Runs a Lightning ``ParallelStrategy`` subclass on raylane's workers. Put it first in the bases."""
+    def teardown(self) -> None:
+        """Nothing to undo: the launcher owns the workers."""
+
+
+class _BuiltFor:
+    """``MyStrategy.for_lightning_pytorch``: the strategy built for one namespace, under the name pickle finds it by.
+
+    Built classes are named ``MyStrategy.for_<namespace>``, so a Ray worker (or any unpickler) rebuilds the same class
+    from the backend's module instead of receiving it by value.
+    """
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def __get__(self, instance: object, owner: type[RayStrategyMixin]) -> type:
+        return owner.for_lightning(self.namespace)
+
+
+def _attribute_for(namespace: str) -> str:
+    return "for_" + namespace.replace(".", "_")
+
+
+class RayStrategyMixin(_lightning.LauncherSlot):
+    """Runs a Lightning ``ParallelStrategy`` subclass on raylane's workers. Subclass it with ``lightning_base=``."""
 
     backend_name: ClassVar[str]
+    lightning: ClassVar[ModuleType | None] = None
+    """The Lightning namespace module this class is built for; ``None`` on the namespace-free class a backend writes."""
+    lightning_base: ClassVar[LightningBase | None] = None
     launch_options: LaunchOptions
     backend_options: dict[str, Any]
-    cluster_environment: ClusterEnvironment | None
+    cluster_environment: Any
     accelerator: Any
+
+    def __init_subclass__(cls, lightning_base: LightningBase | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if lightning_base is not None:
+            cls.lightning_base = lightning_base
+        if "lightning" not in cls.__dict__:
+            # The older way (a Lightning base class listed directly) binds the class to that base's namespace.
+            try:
+                cls.lightning = _lightning.namespace_of(cls)
+            except TypeError:
+                cls.lightning = None
+        if cls.lightning is None:
+            # The namespace-free class stands for its built classes (constructing it builds one), so configuration
+            # tools that check a class path against Lightning's Strategy (LightningCLI's jsonargparse) accept it.
+            for name in _lightning.imported_namespaces():
+                _lightning.namespace(name).strategies.Strategy.register(cls)
+        if "__init__" in cls.__dict__:
+            _advertise_launch_options(cls.__init__)
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        # MyStrategy(...) on the namespace-free class: the instance is of the class for the Lightning in use.
+        built = cls if cls.lightning is not None else cls.for_lightning(None)
+        return super().__new__(built)
+
+    @classmethod
+    def for_lightning(cls, lightning: ModuleType | str | None) -> type:
+        """This strategy as a real Lightning ``Strategy`` of namespace ``lightning`` (built once, then cached).
+
+        ``lightning`` is ``pytorch_lightning`` or ``lightning.pytorch`` (the module or its name); ``None`` means the
+        one this process imported.
+        """
+        module = _lightning.namespace(lightning)
+        if cls.lightning is not None:
+            if cls.lightning is not module:
+                raise TypeError(
+                    f"{cls.__qualname__} is a {cls.lightning.__name__} strategy and cannot run a {module.__name__} "
+                    f"Trainer; write it as `class {cls.__name__}(RayStrategyMixin, lightning_base=...)` to get both."
+                )
+            return cls
+        built = _BUILT.get((cls, module.__name__))
+        return built if built is not None else _build(cls, module)
+
+    @property
+    def ray_environment(self) -> RayClusterEnvironment:
+        assert isinstance(self.cluster_environment, RayClusterEnvironment), "raylane strategies need their environment"
+        return self.cluster_environment
 
     def init_ray_options(self, options: dict[str, Any]) -> dict[str, Any]:
         """Validate ``get_strategy``-style options; keep the shared ones and return the backend's own."""
@@ -84,16 +174,11 @@ class RayStrategyMixin(LauncherSlot):
         return dict(self.backend_options)
 
     @property
-    def ray_environment(self) -> RayClusterEnvironment:
-        assert isinstance(self.cluster_environment, RayClusterEnvironment), "raylane strategies need their environment"
-        return self.cluster_environment
-
-    @property
     def worker_context(self) -> WorkerContext | None:
         """This process's context inside a worker; ``None`` on the driver."""
         return self.ray_environment.context
 
-    def make_launcher(self) -> Launcher:
+    def make_launcher(self) -> Any:
         from raylane.launcher import RayLauncher
 
         return RayLauncher(self)
@@ -107,8 +192,16 @@ class RayStrategyMixin(LauncherSlot):
     def adopt_worker_context(self, context: WorkerContext) -> None:
         """Called inside a worker before the entry point: take the ranks and device the launcher assigned."""
         self.ray_environment.context = context
-        self.accelerator = CUDAAccelerator() if context.uses_gpu else CPUAccelerator()
+        assert self.lightning is not None, "only a strategy built for a Lightning namespace runs"
+        accelerators = self.lightning.accelerators
+        self.accelerator = accelerators.CUDAAccelerator() if context.uses_gpu else accelerators.CPUAccelerator()
         self.set_world_ranks()
+
+    def set_world_ranks(self) -> None:
+        from lightning_utilities.core.rank_zero import rank_zero_only
+
+        # Ray decides ranks; nothing to compute, only Lightning's rank-zero guards (shared by both namespaces).
+        rank_zero_only.rank = self.ray_environment.global_rank()  # type: ignore[attr-defined]
 
     @property
     def root_device(self) -> torch.device:
@@ -125,6 +218,58 @@ class RayStrategyMixin(LauncherSlot):
         if self.ray_environment.global_rank() == 0:
             relay.send(relay.CHECKPOINT_SAVED, str(filepath))
 
-    def set_world_ranks(self) -> None:
-        # Ray decides ranks; nothing to compute, only Lightning's rank-zero guards to update.
-        rank_zero_only.rank = fabric_rank_zero_only.rank = self.ray_environment.global_rank()  # type: ignore[attr-defined]
+
+_BUILT: dict[tuple[type, str], type] = {}
+for _namespace in _lightning.NAMESPACES:
+    setattr(RayStrategyMixin, _attribute_for(_namespace), _BuiltFor(_namespace))
+
+
+def _build(body: type[RayStrategyMixin], lightning: ModuleType) -> type:
+    if body.lightning_base is None:
+        raise TypeError(f"{body.__qualname__} names no Lightning strategy to extend; subclass with lightning_base=...")
+    base = body.lightning_base
+    base_class = getattr(lightning.strategies, base) if isinstance(base, str) else base(lightning)
+    _register_virtual_subclasses(lightning)
+    names = {
+        "__module__": body.__module__,
+        "__qualname__": f"{body.__qualname__}.{_attribute_for(lightning.__name__)}",
+        "__doc__": body.__doc__,
+        "lightning": lightning,
+    }
+    built = types.new_class(body.__name__, (body, base_class), exec_body=lambda namespace: namespace.update(names))
+    _BUILT[body, lightning.__name__] = built
+    return built
+
+
+def _advertise_launch_options(init: Callable[..., None]) -> None:
+    """Show the shared launch options in the signature of a strategy's ``__init__(self, workers, **options)``.
+
+    Tools that configure a class from its signature (LightningCLI's ``--trainer.strategy.cpus_per_worker 2``) then
+    know them; the backend's own options stay in ``**options``.
+    """
+    signature = inspect.signature(init)
+    named = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    if not rest:
+        return
+    types = typing.get_type_hints(LaunchOptions)
+    present = {p.name for p in named}
+    shared = [
+        inspect.Parameter(
+            option.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=option.default if option.default is not dataclasses.MISSING else option.default_factory(),  # type: ignore[misc]
+            annotation=types[option.name],
+        )
+        for option in dataclasses.fields(LaunchOptions)
+        if option.name not in present
+    ]
+    init.__signature__ = signature.replace(parameters=[*named, *shared, *rest])  # type: ignore[attr-defined]
+
+
+def _register_virtual_subclasses(lightning: ModuleType) -> None:
+    """One environment and one launcher class serve both namespaces: each namespace's base class adopts them."""
+    from raylane.launcher import RayLauncher
+
+    _lightning.fabric(lightning).plugins.environments.ClusterEnvironment.register(RayClusterEnvironment)
+    _lightning.launcher_base(lightning).register(RayLauncher)

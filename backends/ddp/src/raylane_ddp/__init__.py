@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from raylane import hookimpl
@@ -29,10 +30,10 @@ PROCESS_GROUP_BACKENDS = ("nccl", "gloo")
 
 
 @hookimpl
-def raylane_strategy_class() -> type[RayDDPStrategy]:
+def raylane_strategy_class(lightning: ModuleType) -> type[RayDDPStrategy]:
     from raylane_ddp.strategy import RayDDPStrategy
 
-    return RayDDPStrategy
+    return RayDDPStrategy.for_lightning(lightning)
 
 
 @hookimpl

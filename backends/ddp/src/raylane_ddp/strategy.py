@@ -1,18 +1,16 @@
-"""``RayDDPStrategy``: Lightning's DDPStrategy, launched on raylane's Ray workers."""
+"""``RayDDPStrategy``: Lightning's DDPStrategy, launched on raylane's Ray workers (either Lightning namespace)."""
 
 from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from pytorch_lightning.strategies import DDPStrategy
-
 from raylane.errors import ConfigurationError
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_ddp import process_group_backend
 
 
-class RayDDPStrategy(RayStrategyMixin, DDPStrategy):
+class RayDDPStrategy(RayStrategyMixin, lightning_base="DDPStrategy"):
     """torch DistributedDataParallel across ``workers`` Ray actors. Build it with ``get_strategy("ddp", ...)``."""
 
     backend_name: ClassVar[str] = "ddp"

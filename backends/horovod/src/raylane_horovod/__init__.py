@@ -9,6 +9,7 @@ wheel; see the package README.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from raylane import BackendLoadError, hookimpl
@@ -40,11 +41,11 @@ def require_horovod() -> None:
 
 
 @hookimpl
-def raylane_strategy_class() -> type[RayHorovodStrategy]:
+def raylane_strategy_class(lightning: ModuleType) -> type[RayHorovodStrategy]:
     require_horovod()
     from raylane_horovod.strategy import RayHorovodStrategy
 
-    return RayHorovodStrategy
+    return RayHorovodStrategy.for_lightning(lightning)
 
 
 @hookimpl

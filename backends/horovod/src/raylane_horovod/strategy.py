@@ -23,8 +23,6 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import horovod.torch as hvd
 import torch
-from pytorch_lightning.strategies import ParallelStrategy
-from pytorch_lightning.trainer.states import TrainerFn
 from torch import Tensor
 from torch.distributed import ReduceOp
 
@@ -52,7 +50,7 @@ HOROVOD_OPTIMIZER_METHODS = (
 )
 
 
-class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
+class RayHorovodStrategy(RayStrategyMixin, lightning_base="ParallelStrategy"):
     """Horovod across ``workers`` Ray actors. Build it with ``get_strategy("horovod", workers=N, ...)``."""
 
     backend_name: ClassVar[str] = "horovod"
@@ -83,11 +81,11 @@ class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
 
     @property
     def optimizers(self) -> list[Optimizer]:
-        return ParallelStrategy.optimizers.fget(self)  # type: ignore[attr-defined,no-any-return]
+        return super().optimizers  # type: ignore[misc,no-any-return]
 
     @optimizers.setter
     def optimizers(self, optimizers: list[Optimizer]) -> None:
-        ParallelStrategy.optimizers.fset(self, optimizers)  # type: ignore[attr-defined]
+        self.lightning.strategies.ParallelStrategy.optimizers.fset(self, optimizers)  # type: ignore[union-attr]
         if any(optimizer in self._horovod_optimizers for optimizer in optimizers):
             self._route_horovod_methods()
 
@@ -106,7 +104,7 @@ class RayHorovodStrategy(RayStrategyMixin, ParallelStrategy):
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != self.lightning.trainer.states.TrainerFn.FITTING:
             return
         assert self.lightning_module is not None
         # Every rank unpickled the same module, but user code (a random init in setup) may have diverged.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from raylane import hookimpl
@@ -21,10 +22,10 @@ __all__ = ["DEFAULT_ENGINE", "ENGINES", "ENGINE_OPTIONS"]
 
 
 @hookimpl
-def raylane_strategy_class() -> type[RayShardedStrategy]:
+def raylane_strategy_class(lightning: ModuleType) -> type[RayShardedStrategy]:
     from raylane_sharded.strategy import RayShardedStrategy
 
-    return RayShardedStrategy
+    return RayShardedStrategy.for_lightning(lightning)
 
 
 @hookimpl

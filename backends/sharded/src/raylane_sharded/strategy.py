@@ -14,9 +14,6 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.trainer.states import TrainerFn
-
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_sharded.engines import ShardingEngine, resolve_engine
 from raylane_sharded.optimizers import has_parameters, share_param_groups
@@ -26,7 +23,7 @@ if TYPE_CHECKING:
     from torch.optim import Optimizer
 
 
-class RayShardedStrategy(RayStrategyMixin, DDPStrategy):
+class RayShardedStrategy(RayStrategyMixin, lightning_base="DDPStrategy"):
     """Optimizer state (and with FairScale, gradients) sharded across ``workers`` Ray actors.
 
     Build it with ``get_strategy("sharded", workers=N, engine="fairscale" | "zero", ...)``.
@@ -61,7 +58,7 @@ class RayShardedStrategy(RayStrategyMixin, DDPStrategy):
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        if trainer.state.fn == TrainerFn.FITTING:
+        if trainer.state.fn == self.lightning.trainer.states.TrainerFn.FITTING:
             self._route_norm_clipping()
 
     def configure_ddp(self) -> None:
@@ -71,7 +68,7 @@ class RayShardedStrategy(RayStrategyMixin, DDPStrategy):
 
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
         super().setup_optimizers(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
+        if trainer.state.fn != self.lightning.trainer.states.TrainerFn.FITTING:
             return
         self._configured_optimizers = list(self.optimizers)
         sharded = [

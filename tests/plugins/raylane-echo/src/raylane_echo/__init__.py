@@ -18,6 +18,7 @@ ECHO_TAG_DEFAULT = "echo"
 
 @hookimpl
 def raylane_strategy_class() -> type:
+    # The hook's first form (no `lightning` argument): a namespace-free class, which raylane builds per namespace.
     from raylane_echo.strategy import EchoStrategy
 
     return EchoStrategy
