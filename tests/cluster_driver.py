@@ -25,9 +25,9 @@ from raylane.testing import ClassifierModel, make_loader
 RESULT_PREFIX = "RAYLANE_RESULT "
 
 
-def train() -> dict[str, Any]:
+def train(model_class: type[ClassifierModel] = ClassifierModel) -> dict[str, Any]:
     torch.manual_seed(0)
-    model = ClassifierModel()
+    model = model_class()
     initial = model.layer.weight.detach().clone()
     trainer = pl.Trainer(
         strategy=get_strategy("ddp", workers=2),
@@ -55,7 +55,11 @@ def train() -> dict[str, Any]:
     }
 
 
+def report(model_class: type[ClassifierModel] = ClassifierModel) -> None:
+    print(RESULT_PREFIX + json.dumps({"cwd": os.getcwd(), **train(model_class)}), flush=True)
+
+
 if __name__ == "__main__":
     if len(sys.argv) > 1:
         ray.init(address=sys.argv[1])
-    print(RESULT_PREFIX + json.dumps({"cwd": os.getcwd(), **train()}), flush=True)
+    report()

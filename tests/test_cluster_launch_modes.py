@@ -170,7 +170,14 @@ def test_driver_on_the_head_node_connects_with_address_auto(head: Head, tmp_path
 def test_ray_job_submit_runs_the_script_and_its_logs_show_the_result(head: Head, tmp_path: Path) -> None:
     job_dir = tmp_path / "job"
     job_dir.mkdir()
-    shutil.copy(DRIVER_SCRIPT, job_dir / "train.py")
+    shutil.copy(DRIVER_SCRIPT, job_dir)
+    # A model in a module beside the script: the workers import it from the job's working dir.
+    (job_dir / "usermodel.py").write_text(
+        "from raylane.testing import ClassifierModel\n\nclass UserModel(ClassifierModel):\n    pass\n"
+    )
+    (job_dir / "train.py").write_text(
+        "from cluster_driver import report\nfrom usermodel import UserModel\n\nreport(UserModel)\n"
+    )
     ray_cli = Path(sys.executable).with_name("ray")
     submit = [str(ray_cli), "job", "submit", "--address", head.dashboard_url, "--working-dir", str(job_dir)]
     output = _run([*submit, "--", sys.executable, "train.py"], tmp_path, head.env).stdout
@@ -189,3 +196,21 @@ def test_ray_client_driver_gets_checkpoints_and_logs_on_its_own_filesystem(head:
     _assert_trained(result, tmp_path)
     # On the client's side: here the same machine, but another directory than the workers' (the head's).
     assert Path(result["checkpoint"]).is_file() and Path(result["log_dir"], "metrics.csv").is_file()
+
+
+@pytest.mark.timeout(60)
+def test_example_cluster_config_is_what_ray_up_accepts_with_the_tested_versions() -> None:
+    import ray
+    import yaml
+    from ray.autoscaler._private.util import prepare_config, validate_config  # what `ray up` runs first
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "examples" / "cluster.yaml").read_text())
+    prepared = prepare_config(config)
+    validate_config(prepared)
+
+    assert prepared["provider"]["type"] == "local", "needs no cloud credentials"
+    assert len(prepared["provider"]["worker_ips"]) == prepared["max_workers"] == 2
+    setup = " ".join(prepared["setup_commands"])
+    assert setup.index("torch==2.13.0") < setup.index("ray[default]"), "torch is pinned and installed first"
+    assert f"ray[default]=={ray.__version__}" in setup, "the cluster runs the Ray these tests ran"
+    assert "--ray-client-server-port=10001" in " ".join(prepared["head_start_ray_commands"])
