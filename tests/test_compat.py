@@ -20,13 +20,14 @@ def _hook() -> None:
 
 
 @pytest.mark.timeout(240)
-def test_ray_strategy_with_two_workers_trains_like_ray_lightning(tmp_path: Path) -> None:
+@pytest.mark.parametrize("shim", [RayStrategy, RayShardedStrategy])
+def test_a_shim_with_two_workers_trains_like_ray_lightning(shim: Any, tmp_path: Path) -> None:
     ensure_local_ray()
     torch.manual_seed(0)
     model = ClassifierModel()
     initial = model.layer.weight.detach().clone()
     trainer = pl.Trainer(
-        strategy=RayStrategy(num_workers=2, num_cpus_per_worker=1, use_gpu=False, init_hook=_hook),
+        strategy=shim(num_workers=2, num_cpus_per_worker=1, use_gpu=False, init_hook=_hook),
         max_epochs=2,
         default_root_dir=str(tmp_path),
         enable_progress_bar=False,
