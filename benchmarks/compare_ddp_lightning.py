@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -61,7 +62,7 @@ def trainer_flags(config: str, **raylane_options: Any) -> dict[str, Any]:
     if config == "ddp_spawn":
         return {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": PROCESSES}
     if config == "raylane":
-        return {"strategy": get_strategy("ddp", workers=PROCESSES, **raylane_options), "accelerator": "cpu"}
+        return {"strategy": get_strategy("ddp", **{"workers": PROCESSES, **raylane_options}), "accelerator": "cpu"}
     raise ValueError(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
 
 
@@ -86,14 +87,16 @@ def run(config: str, workload: Workload, one_process_threads: int | None = None)
 
 
 def build(
-    config: str, workload: Workload, **raylane_options: Any
+    config: str, workload: Workload, callbacks: Sequence[pl.Callback] = (), **raylane_options: Any
 ) -> tuple[pl.Trainer, DigitsClassifier, SyntheticDigits]:
-    """The Trainer, model and data of one run, seeded; ``raylane_options`` go to ``get_strategy`` for raylane."""
+    """The Trainer, model and data of one run, seeded; ``raylane_options`` go to ``get_strategy`` for raylane
+    (``workers`` included: the global batch is split over them)."""
     pl.seed_everything(workload.seed, verbose=False)
     model = DigitsClassifier(hidden=workload.hidden)
-    data = SyntheticDigits(workload.samples, workload.seed, workload.batch_per_process(processes(config)))
+    batch = workload.batch_per_process(raylane_options.get("workers", processes(config)))
+    data = SyntheticDigits(workload.samples, workload.seed, batch)
     flags = trainer_flags(config, **raylane_options)
-    trainer = pl.Trainer(max_epochs=workload.epochs, callbacks=[LoopTimer()], **QUIET_TRAINER, **flags)
+    trainer = pl.Trainer(max_epochs=workload.epochs, callbacks=[LoopTimer(), *callbacks], **QUIET_TRAINER, **flags)
     return trainer, model, data
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from statistics import median
 from typing import Any
 
@@ -25,6 +27,7 @@ class RunResult:
     threads: int
     train_loss: float
     first_step_s: float = float("nan")
+    step_s: float = float("nan")
 
     @classmethod
     def from_metrics(cls, fit_s: float, metrics: Mapping[str, float], started_at: float = float("nan")) -> RunResult:
@@ -36,6 +39,7 @@ class RunResult:
             int(metrics["train_threads"]),
             metrics["train_loss"],
             metrics.get("first_step_at", float("nan")) - started_at,
+            metrics.get("step_s", float("nan")),
         )
 
 
@@ -189,3 +193,25 @@ def ratio_lines(configs: Mapping[str, Mapping[str, float]], keys: Sequence[str])
         for name, theirs in configs.items()
         if name != BASELINE
     ]
+
+
+def machine_and_load(load_at_start: float) -> dict[str, Any]:
+    """The machine, with the 1-minute load average at the start of the benchmark and now (other work skews it)."""
+    return {**machine_info(), "load_average_1min": {"start": load_at_start, "end": load_average()}}
+
+
+def describe_machine(machine: Mapping[str, Any]) -> str:
+    load = machine["load_average_1min"]
+    return (
+        f"{machine['cpu_cores']} cores of {machine['cpu_model']}, GPU: {machine['gpu'] or 'none'}; 1-minute load "
+        f"average {load['start']:.1f} -> {load['end']:.1f}"
+    )
+
+
+def publish(report: Mapping[str, Any], text: str, json_path: Path | None) -> None:
+    """Print the report's text; write the whole report as JSON when asked."""
+    print()
+    print(text)
+    if json_path is not None:
+        json_path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        print(f"\nwrote {json_path}")

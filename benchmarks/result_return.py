@@ -9,7 +9,6 @@ See README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -23,7 +22,7 @@ import pytorch_lightning as pl
 import ray
 import torch
 from compare_ddp_lightning import QUIET_TRAINER
-from compare_ddp_report import load_average, machine_info
+from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
 from compare_ddp_workload import PROCESSES
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -85,16 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         ray.shutdown()
     report = {
-        "machine": {**machine_info(), "load_average_1min": {"start": load_at_start, "end": load_average()}},
+        "machine": machine_and_load(load_at_start),
         "model": {"width": args.width, "layers": args.layers, "weight_bytes": nbytes},
         "runs": runs,
         "medians_s": {name: median(values) for name, values in runs.items()},
     }
-    print()
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.json}")
+    publish(report, format_report(report), args.json)
     return 0
 
 
@@ -133,8 +128,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     return "\n".join(
         [
             f"{model['layers']} x Linear({model['width']}, {model['width']}): {model['weight_bytes'] / 1e6:.0f} MB of "
-            f"weights; {machine['cpu_cores']} cores of {machine['cpu_model']}; 1-minute load average "
-            f"{machine['load_average_1min']['start']:.1f} -> {machine['load_average_1min']['end']:.1f}",
+            f"weights; {describe_machine(machine)}",
             f"raylane, rank 0's output to the driver: {medians['raylane_return_s']:.3f} s "
             f"({medians['raylane_return_s'] / plain:.2f}x the plain ray.get); then load_state_dict into the driver's "
             f"model {medians['raylane_load_s']:.3f} s",

@@ -10,7 +10,6 @@ the figure. See README.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import sys
@@ -24,7 +23,7 @@ from typing import Any
 import compare_ddp_lightning
 import compare_ddp_ray_train
 import ray
-from compare_ddp_report import RunResult, load_average, machine_info, ratio_lines
+from compare_ddp_report import RunResult, describe_machine, load_average, machine_and_load, publish, ratio_lines
 from compare_ddp_timer import TEST_LOOP_S, measured
 from compare_ddp_workload import PROCESSES, Workload
 
@@ -103,11 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.shutdown()
         shutil.rmtree(storage, ignore_errors=True)
     report = summarise(fits, phases, tests, workload, load_at_start)
-    print()
-    print(format_report(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.json}")
+    publish(report, format_report(report), args.json)
     return 0
 
 
@@ -163,7 +158,7 @@ def summarise(
         for name, results in fits.items()
     }
     return {
-        "machine": {**machine_info(), "load_average_1min": {"start": load_at_start, "end": load_average()}},
+        "machine": machine_and_load(load_at_start),
         "workload": workload.as_dict(),
         "repeats": len(phases),
         "configs": configs,
@@ -176,8 +171,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     machine, workload = report["machine"], report["workload"]
     lines = [
         f"{workload['samples']} samples x 1 epoch, hidden {workload['hidden']}; medians of {report['repeats']} runs; "
-        f"{machine['cpu_cores']} cores of {machine['cpu_model']}; 1-minute load average "
-        f"{machine['load_average_1min']['start']:.1f} -> {machine['load_average_1min']['end']:.1f}",
+        + describe_machine(machine),
         "",
         "config      fit s  first step s  loop s",
     ]

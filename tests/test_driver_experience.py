@@ -100,3 +100,36 @@ def test_start_up_line_names_backend_placement_and_dashboard(
     assert "2 worker(s) on 1 node(s)" in line and "placement PACK" in line, line
     assert "1 CPU and 0 GPU per worker" in line and "devices cpu" in line, line
     assert line.endswith("Ray dashboard http://dashboard.example:8265"), line
+
+
+@pytest.mark.timeout(240)
+def test_ray_started_in_the_background_serves_the_first_fit(tmp_path: Path) -> None:
+    script = tmp_path / "train.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import pytorch_lightning as pl
+            import ray
+            import raylane
+            from raylane.testing import ClassifierModel, make_loader
+
+            raylane.start_ray_in_background(num_cpus=2)
+            model, loader = ClassifierModel(), make_loader(8)  # the script's own work, while Ray starts
+            before = [p.detach().clone() for p in model.parameters()]
+            trainer = pl.Trainer(max_epochs=1, strategy=raylane.get_strategy("ddp", workers=2), logger=False,
+                                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+            trainer.fit(model, loader)
+            assert ray.is_initialized()
+            assert ray.cluster_resources()["CPU"] == 2, ray.cluster_resources()
+            assert any(not p.equal(b) for p, b in zip(model.parameters(), before)), "weights came back trained"
+            print("trained")
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=220
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trained" in result.stdout
+    assert "SIGTERM handler is not set" not in result.stderr  # the background start is quiet

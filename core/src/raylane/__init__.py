@@ -17,6 +17,7 @@ from raylane.errors import (
     WorkerError,
 )
 from raylane.hookspecs import hookimpl
+from raylane.local_ray import start_ray_in_background
 from raylane.options import LaunchOptions
 from raylane.registry import BackendInfo, list_backends
 
@@ -35,6 +36,7 @@ __all__ = [
     "get_strategy",
     "hookimpl",
     "list_backends",
+    "start_ray_in_background",
 ]
 
 __version__ = "0.1.0"

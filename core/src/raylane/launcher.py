@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import ray
 from lightning_utilities.core.rank_zero import rank_zero_info
 
 from raylane import _lightning, console, relay
 from raylane.errors import ConfigurationError, WorkerError
 from raylane.group import WorkerGroup
+from raylane.local_ray import ensure_ray
 from raylane.payload import GlobalTorchState, LaunchPayload, put_payload
 from raylane.predictions import merge_predictions
 from raylane.registry import backend_host
@@ -207,24 +206,6 @@ def check_trainer_flags(trainer: pl.Trainer, workers: int) -> None:
             f"Trainer(devices={trainer.num_devices}) contradicts get_strategy(workers={workers}). "
             "With raylane, workers= sets the number of processes; remove devices= from the Trainer."
         )
-
-
-def ensure_ray(cpus_needed: float) -> None:
-    """Connect to Ray, starting a local instance when none is running (the laptop case).
-
-    A local instance gets at least the CPUs the workers ask for, so ``workers=4`` runs on a 2-core laptop
-    (oversubscribed) instead of waiting forever. On a cluster (``RAY_ADDRESS`` set or ``ray.init`` called) nothing is
-    started.
-    """
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    cpus = max(os.cpu_count() or 1, int(-(-cpus_needed // 1)))
-    log.info("raylane: starting a local Ray instance with %d CPUs", cpus)
-    # address="local": our own instance, even when `ray start` left another cluster's address on this machine.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING)
 
 
 def _fix_logger_versions(trainer: pl.Trainer) -> None:
