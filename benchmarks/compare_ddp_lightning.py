@@ -62,7 +62,9 @@ def trainer_flags(config: str, **raylane_options: Any) -> dict[str, Any]:
     if config == "ddp_spawn":
         return {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": PROCESSES}
     if config == "raylane":
-        return {"strategy": get_strategy("ddp", **{"workers": PROCESSES, **raylane_options}), "accelerator": "cpu"}
+        # Ray Train's configuration imports lightning.pytorch too; these Trainers are pytorch_lightning's.
+        options = {"workers": PROCESSES, "lightning": "pytorch_lightning", **raylane_options}
+        return {"strategy": get_strategy("ddp", **options), "accelerator": "cpu"}
     raise ValueError(f"unknown configuration {config!r}; known: {', '.join(CONFIGS)}")
 
 
