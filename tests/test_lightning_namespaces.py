@@ -94,6 +94,26 @@ def test_lightning_cli_configures_the_strategy_from_command_line_flags(tmp_path:
     assert report["weights_moved"] > 0
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_lightning_imported_after_raylane_still_knows_its_strategies(namespace: str, tmp_path: Path) -> None:
+    script = f"""
+        import raylane.testing  # imports raylane first, then pytorch_lightning
+        import {namespace} as pl
+        from raylane_ddp.strategy import RayDDPStrategy
+
+        trainer = pl.Trainer(strategy="ray_ddp", logger=False, enable_progress_bar=False)
+        assert isinstance(trainer.strategy, RayDDPStrategy), trainer.strategy
+        assert trainer.strategy.launch_options.workers == 2
+        assert issubclass(RayDDPStrategy, pl.strategies.Strategy)  # what LightningCLI checks a class path against
+        print("REPORT {{}}")
+    """
+    (tmp_path / "late.py").write_text(textwrap.dedent(script))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, "late.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "REPORT" in done.stdout, done.stderr[-4000:]
+
+
 @pytest.mark.parametrize("backend", ["ddp", "sharded", "echo"])
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_every_backend_builds_a_strategy_the_namespaces_trainer_accepts(backend: str, namespace: str) -> None:

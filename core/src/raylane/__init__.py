@@ -4,6 +4,7 @@
 the trained weights, metrics and checkpoints back to this process.
 """
 
+from raylane import _lightning
 from raylane.api import get_strategy, register_with_lightning
 from raylane.context import WorkerContext
 from raylane.errors import (
@@ -41,4 +42,5 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-register_with_lightning()
+# Trainer(strategy="ray_<backend>") in every Lightning namespace, whether imported before raylane or after.
+_lightning.when_imported(register_with_lightning)

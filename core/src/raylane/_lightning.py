@@ -14,7 +14,10 @@ users.
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import inspect
+import logging
 import sys
 from collections.abc import Callable
 from types import ModuleType
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
 FABRIC_OF = {"pytorch_lightning": "lightning_fabric", "lightning.pytorch": "lightning.fabric"}
 NAMESPACES = tuple(FABRIC_OF)
 ALIASES = {"lightning": "lightning.pytorch", "pl": "pytorch_lightning"}
+log = logging.getLogger(__name__)
 # TrainerFn's values (a str enum, equal to these in both namespaces).
 FITTING = "fit"
 PREDICTING = "predict"
@@ -41,6 +45,8 @@ def namespace(lightning: ModuleType | str | None = None) -> ModuleType:
     the module itself; ``None`` picks the one this process imported, which must be exactly one.
     """
     if isinstance(lightning, ModuleType):
+        if lightning.__name__ in FABRIC_OF:
+            return lightning  # also while it is still being imported (see when_imported)
         lightning = lightning.__name__
     if lightning is None:
         return importlib.import_module(imported_namespace())
@@ -70,6 +76,59 @@ def imported_namespace() -> str:
         "(`import lightning.pytorch as pl` or `import pytorch_lightning as pl`), or pass "
         "lightning='lightning.pytorch' or lightning='pytorch_lightning' to get_strategy."
     )
+
+
+def when_imported(callback: Callable[[ModuleType], object]) -> None:
+    """Call ``callback(namespace_module)`` for each Lightning namespace imported now, and for each one imported later.
+
+    raylane is often imported before Lightning (``import raylane.testing`` imports ``raylane`` first), and the
+    namespace's registries must still learn raylane's strategies.
+    """
+    for name in imported_namespaces():
+        callback(sys.modules[name])
+    _WATCHER.callbacks.append(callback)
+    if _WATCHER not in sys.meta_path:
+        sys.meta_path.insert(0, _WATCHER)
+
+
+class _NamespaceWatcher(importlib.abc.MetaPathFinder):
+    """Finds a Lightning namespace as the other finders would, and runs the callbacks once it has been executed."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[ModuleType], object]] = []
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in FABRIC_OF:
+            return None
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None) if finder is not self else None
+            spec = find_spec(fullname, path, target) if find_spec is not None else None
+            if spec is None:
+                continue
+            if not hasattr(spec.loader, "exec_module"):
+                return None  # an unusual loader: import it the ordinary way, unwatched
+            self._notify_after(spec.loader)
+            return spec
+        return None
+
+    def _notify_after(self, loader: Any) -> None:
+        execute = loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            execute(module)
+            self._notify(module)
+
+        loader.exec_module = exec_module
+
+    def _notify(self, module: ModuleType) -> None:
+        for callback in self.callbacks:
+            try:
+                callback(module)
+            except Exception:  # importing Lightning must never fail because of raylane
+                log.warning("raylane could not register with %s", module.__name__, exc_info=True)
+
+
+_WATCHER = _NamespaceWatcher()
 
 
 def namespace_of(obj: object) -> ModuleType:

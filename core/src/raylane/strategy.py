@@ -132,8 +132,7 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         if cls.lightning is None:
             # The namespace-free class stands for its built classes (constructing it builds one), so configuration
             # tools that check a class path against Lightning's Strategy (LightningCLI's jsonargparse) accept it.
-            for name in _lightning.imported_namespaces():
-                _lightning.namespace(name).strategies.Strategy.register(cls)
+            _lightning.when_imported(lambda lightning: lightning.strategies.Strategy.register(cls))
         if "__init__" in cls.__dict__:
             _advertise_launch_options(cls.__init__)
 
