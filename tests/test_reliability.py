@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import resource
 import signal
@@ -21,7 +22,7 @@ from ray.cluster_utils import Cluster
 
 from raylane import WorkerError, get_strategy
 from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader
-from raylane.testing.ray_state import live_raylane_actors, live_raylane_placement_groups
+from raylane.testing.ray_state import listening_tcp_ports, live_raylane_actors, live_raylane_placement_groups
 
 
 def _trainer(root: Path, **flags: object) -> pl.Trainer:
@@ -86,22 +87,27 @@ def test_ctrl_c_on_the_driver_stops_workers(tmp_path: Path, shared_cluster: str)
     assert_released(timeout_s=30)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)  # 20 entry points: about 100 s on an idle 2-core machine
 def test_repeated_fit_and_test_leave_nothing_behind(tmp_path: Path) -> None:
     ensure_local_ray()
-    peak_rss_kib = []
+    peak_rss_kib, open_files, rendezvous_ports = [], [], set()
     for _ in range(10):  # 20 entry points in all
         trainer = _trainer(tmp_path)
-        model = ClassifierModel()
+        model = ClassifierModel(report_dir=str(tmp_path), report_env=("MASTER_PORT",))
         trainer.fit(model, make_loader(8))
+        rendezvous_ports.add(int(json.loads((tmp_path / "fit-rank0.json").read_text())["env"]["MASTER_PORT"]))
         trainer.test(model, make_loader(8))
         del trainer
         gc.collect()  # a Trainer that is gone releases its warm workers
         peak_rss_kib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        open_files.append(len(os.listdir("/proc/self/fd")))
     assert_released()
     assert not live_raylane_placement_groups()
-    # The driver's memory settles after the first rounds instead of growing with every fit.
+    # No rank's rendezvous store outlives its run.
+    assert not rendezvous_ports & listening_tcp_ports(), (rendezvous_ports, listening_tcp_ports())
+    # The driver's memory and open files (sockets included) settle after the first rounds instead of growing.
     assert peak_rss_kib[-1] - peak_rss_kib[3] < 0.1 * peak_rss_kib[3], peak_rss_kib
+    assert open_files[-1] <= open_files[3] + 2, open_files
 
 
 @pytest.mark.timeout(300)

@@ -47,6 +47,8 @@ def rank_env(context: WorkerContext) -> dict[str, str]:
         "NODE_RANK": str(context.node_rank),
         "LOCAL_WORLD_SIZE": str(context.ranks.local_world_size),
         "GROUP_RANK": str(context.node_rank),
+        # Rank 0's actor already serves the store at MASTER_PORT (Worker.open_rendezvous): connect, never host one.
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
     }
     if context.devices.cuda_visible_devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = context.devices.cuda_visible_devices

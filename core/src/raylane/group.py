@@ -87,8 +87,9 @@ class WorkerGroup:
         return self
 
     def _refresh_contexts(self) -> None:
-        # A fresh rendezvous port for every run: the previous run's store may still hold its port.
-        master_port = self._gather([self.actors[0].free_port.remote()])[0]
+        # A fresh store for every run: nothing of the previous rendezvous can leak into this one.
+        timeout_s = self.options.collective_timeout
+        master_port = self._gather([self.actors[0].open_rendezvous.remote(timeout_s)])[0]
         self.contexts = self._contexts(self.placements, master_port)
 
     def is_alive(self) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import time
 from typing import Any
@@ -27,6 +26,7 @@ class Worker:
     def __init__(self, rank: int) -> None:
         self._rank = rank
         self._outbox = relay.Outbox()
+        self._rendezvous: Any = None  # rank 0's torch.distributed store (see open_rendezvous)
         # Wall-clock marks of this worker's start-up, returned with each output (see WorkerOutput.marks).
         self._marks = {"imports_done": _IMPORTED_AT, "actor_ready": time.time()}
 
@@ -45,11 +45,28 @@ class Worker:
     def pid(self) -> int:
         return os.getpid()
 
-    def free_port(self) -> int:
-        """A port free on this node right now, for the rendezvous store rank 0 will open."""
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("", 0))
-            return int(sock.getsockname()[1])
+    def open_rendezvous(self, timeout_s: float) -> int:
+        """Serve a fresh torch.distributed store on a port the OS picks; return the port.
+
+        The store listens before any rank learns its port, so no other process can take the port in between (a port
+        found free and handed out later can be, on a busy node). Every rank, this one included, connects to it as a
+        client (``TORCHELASTIC_USE_AGENT_STORE``, see :func:`raylane.environment.rank_env`). It lives until the next
+        entry point opens another, or the actor ends.
+        """
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        self._rendezvous = None  # the previous entry point's store stops listening first
+        self._rendezvous = TCPStore(
+            ray.util.get_node_ip_address(),
+            0,
+            None,
+            True,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
+        return int(self._rendezvous.port)
 
     def drain_relay(self) -> list[tuple[str, Any]]:
         return self._outbox.drain()

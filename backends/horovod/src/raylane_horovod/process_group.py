@@ -2,7 +2,7 @@
 
 Workers are reused across entry points (fit, then test ...), and Horovod supports shutting down and initialising
 again in one process (``horovod_shutdown`` resets its init flag; elastic Horovod relies on it). Each entry point gets
-a fresh rendezvous (the core hands out a new port every run), so nothing from the previous one can interfere.
+a fresh rendezvous (the core serves a new store every run), so nothing from the previous one can interfere.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import time
 
 from raylane import WorkerContext
 from raylane.errors import RaylaneError
-from raylane_horovod.rendezvous import RendezvousStore, StoreClient, exchange_layout
+from raylane_horovod.rendezvous import RendezvousStore, StoreClient, exchange_layout, publish_port
 from raylane_horovod.settings import StallTimeouts, cross_ranks
 
 
@@ -36,9 +36,12 @@ def start(context: WorkerContext) -> None:
             "toolkit and NCCL: HOROVOD_GPU_OPERATIONS=NCCL python -m raylane_horovod.build_horovod --install."
         )
     if context.global_rank == 0:
-        _store = RendezvousStore(context.master_port)
-    deadline = time.monotonic() + StallTimeouts.within(context.options.collective_timeout).gloo_s
-    client = StoreClient(context.master_addr, context.master_port, deadline)
+        _store = RendezvousStore()
+    gloo_s = StallTimeouts.within(context.options.collective_timeout).gloo_s
+    deadline = time.monotonic() + gloo_s
+    port = publish_port(context.master_addr, context.master_port, _store, gloo_s)
+    os.environ["HOROVOD_GLOO_RENDEZVOUS_PORT"] = str(port)
+    client = StoreClient(context.master_addr, port, deadline)
     client.wait_until_serving()
     if context.ranks.num_nodes == 1:
         cross_rank, cross_size = 0, 1

@@ -1,7 +1,8 @@
 """The Gloo rendezvous: an HTTP key-value store on rank 0's node, which every worker's ``hvd.init()`` meets at.
 
 Horovod's launchers (horovodrun, horovod.ray) run this store in their driver. Here the Ray workers are the whole job,
-so rank 0 serves it from a thread, on the port the core found free on its node, for the length of one entry point.
+so rank 0 serves it from a thread, on a port the OS picks, for the length of one entry point; the other ranks learn
+the port from the core's torch.distributed store (:func:`publish_port`).
 The same store first carries the node layout, which Horovod's cross-node ranks need and the context does not hold.
 """
 
@@ -25,14 +26,18 @@ class RendezvousError(RaylaneError):
 
 
 class RendezvousStore:
-    """Horovod's own rendezvous HTTP server, bound to a given port (Horovod's launcher picks a random one)."""
+    """Horovod's own rendezvous HTTP server, listening on a port the OS picks (see :attr:`port`)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self) -> None:
         from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
 
-        self._server: Any = RendezvousHTTPServer(("", port), RendezvousHandler, 0)
+        self._server: Any = RendezvousHTTPServer(("", 0), RendezvousHandler, 0)
         self._thread = threading.Thread(target=self._server.serve_forever, name="horovod-rendezvous", daemon=True)
         self._thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
 
     def close(self) -> None:
         self._server.shutdown()
@@ -95,3 +100,22 @@ def exchange_layout(
         node, local = client.get(LAYOUT_SCOPE, str(rank)).split(",")
         layout[rank] = (int(node), int(local))
     return layout
+
+
+PORT_KEY = "raylane_horovod/rendezvous_port"
+
+
+def publish_port(master_addr: str, master_port: int, store: RendezvousStore | None, timeout_s: float) -> int:
+    """Rank 0 (``store`` given) publishes its store's port in the core's torch.distributed store; every rank returns
+    it, waiting up to ``timeout_s`` for rank 0."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    torch_store = TCPStore(master_addr, master_port, None, False, timeout=timedelta(seconds=timeout_s))
+    if store is not None:
+        torch_store.set(PORT_KEY, str(store.port))
+    try:
+        return int(torch_store.get(PORT_KEY))
+    except RuntimeError as err:  # torch raises its timeout as a RuntimeError subclass
+        raise RendezvousError(f"rank 0 did not publish its Horovod rendezvous port within {timeout_s:g} s") from err

@@ -93,7 +93,6 @@ def horovod_env(context: WorkerContext) -> dict[str, str]:
         "HOROVOD_CONTROLLER": "gloo",
         "HOROVOD_CPU_OPERATIONS": "gloo",
         "HOROVOD_GLOO_RENDEZVOUS_ADDR": context.master_addr,
-        "HOROVOD_GLOO_RENDEZVOUS_PORT": str(context.master_port),
         "HOROVOD_RANK": str(context.global_rank),
         "HOROVOD_SIZE": str(context.world_size),
         "HOROVOD_LOCAL_RANK": str(context.local_rank),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import ray
 from ray.util import list_named_actors, placement_group_table
@@ -40,3 +41,17 @@ def assert_released(timeout_s: float = 15.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"raylane left behind actors {actors} and placement groups {groups}")
         time.sleep(0.2)
+
+
+def listening_tcp_ports() -> set[int]:
+    """TCP ports some process on this machine listens on (Linux: read from ``/proc/net``)."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        path = Path(table)
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            local_address, state = line.split()[1], line.split()[3]
+            if state == "0A":  # TCP_LISTEN
+                ports.add(int(local_address.rsplit(":", 1)[1], 16))
+    return ports
