@@ -77,7 +77,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
         progress_bar_metrics=_to_cpu(dict(trainer.progress_bar_metrics)),
         fit_loop_state=trainer.fit_loop.state_dict() if fn == _lightning.FITTING else None,
         callback_states={cb.state_key: _to_cpu(cb.state_dict()) for cb in trainer.callbacks if cb.state_dict()},
-        files=_files_for_driver(trainer) if _driver_cannot_see_files(context) else {},
+        files=_files_the_driver_cannot_see(trainer, context),
         extras=host.collect_results(trainer, context),
     )
     return output
@@ -120,15 +120,23 @@ def driver_filesystem_node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _driver_cannot_see_files(context: WorkerContext) -> bool:
-    # Relative paths (CSVLogger("logs")) resolve against each process's working directory: a driver on the head node
-    # of a `ray start` cluster has its own, unlike the workers there, which run in the directory of `ray start`.
-    other_cwd = bool(context.driver_cwd) and os.getcwd() != context.driver_cwd
-    return context.placement.node_id != context.driver_node_id or other_cwd
+def _files_the_driver_cannot_see(trainer: pl.Trainer, context: WorkerContext) -> dict[str, bytes]:
+    """All of rank 0's files for a driver on another node or a Ray Client driver; on the same node, the relative ones
+    when the working directories differ, as those of a driver on the head node of a `ray start` cluster and of its
+    workers do (they run in the directory of `ray start`)."""
+    if context.placement.node_id != context.driver_node_id:
+        return _files_for_driver(trainer)
+    if context.driver_cwd and os.getcwd() != context.driver_cwd:
+        return _files_for_driver(trainer, relative_only=True)
+    return {}
 
 
-def _files_for_driver(trainer: pl.Trainer) -> dict[str, bytes]:
-    """Bytes of the checkpoints and logs rank 0 wrote, for a driver on another node (no shared filesystem assumed)."""
+def _files_for_driver(trainer: pl.Trainer, relative_only: bool = False) -> dict[str, bytes]:
+    """Bytes of the checkpoints and logs rank 0 wrote, for a driver that cannot read them (no shared filesystem).
+
+    Relative paths stay relative, so they land in the driver's working directory, where the driver's Trainer (its
+    logger's ``log_dir``, the checkpoint callback's paths) looks for them.
+    """
     paths: set[str] = set()
     checkpoint_callback = _lightning.namespace_of(trainer).callbacks.ModelCheckpoint
     for callback in trainer.checkpoint_callbacks:
@@ -138,6 +146,8 @@ def _files_for_driver(trainer: pl.Trainer) -> dict[str, bytes]:
     for logger in trainer.loggers:
         if logger.log_dir and os.path.isdir(logger.log_dir):
             paths.update(str(p) for p in Path(logger.log_dir).rglob("*") if p.is_file() and p.suffix != ".ckpt")
+    if relative_only:
+        paths = {path for path in paths if not os.path.isabs(path)}
     return {os.path.normpath(path): Path(path).read_bytes() for path in sorted(paths) if os.path.isfile(path)}
 
 
