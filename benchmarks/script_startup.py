@@ -1,6 +1,7 @@
 """A whole training script's wall time, Ray's start included, three ways: the script calls ``ray.init()`` itself,
-raylane starts Ray on the first ``fit`` (the default), or ``raylane.start_ray_in_background()`` right after the
-imports, so Ray (and its worker processes' imports) come up while the script builds its data and model.
+raylane starts Ray on the first ``fit`` (the default), or ``raylane.start_ray_in_background()`` right after
+``import raylane``, so Ray (and its worker processes' imports) come up while the script imports Lightning and builds
+its data and model.
 
     python benchmarks/script_startup.py --repeats 3 [--json script_startup.json]
 
@@ -28,15 +29,16 @@ VARIANTS = {
     "ray.init() first": "import ray; ray.init(address='local', num_cpus={cpus}, include_dashboard=False)",
     "raylane starts Ray in fit": "",
     "start_ray_in_background()": "raylane.start_ray_in_background(num_cpus={cpus})",
+    "... (preload=True)": "raylane.start_ray_in_background(num_cpus={cpus}, preload=True)",
 }
 SCRIPT = textwrap.dedent(
     """
     import json, sys, time
     started = time.perf_counter()
     sys.path[:0] = [{benchmarks!r}, {examples!r}]
-    import pytorch_lightning as pl
     import raylane
     {start_ray}
+    import pytorch_lightning as pl
     imported = time.perf_counter()
     from compare_ddp_lightning import build
     from compare_ddp_workload import Workload

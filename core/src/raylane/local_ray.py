@@ -3,6 +3,7 @@ background, while the script goes on importing and loading its data (:func:`star
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -50,13 +51,16 @@ class _BackgroundStart:
 _background: _BackgroundStart | None = None
 
 
-def start_ray_in_background(num_cpus: int | None = None, preload: bool = True) -> None:
+def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) -> None:
     """Start a local Ray now, without waiting for it: the script's next lines (imports, loading data, building the
-    model) run while Ray comes up, and the first ``trainer.fit()`` waits only for what is left.
+    model) run while Ray comes up, and the first ``trainer.fit()`` waits only for what is left. Call it right after
+    ``import raylane``, before importing Lightning and loading data, so there is something to overlap.
 
-    With ``preload`` (the default) Ray's worker processes import torch, Lightning and raylane as they start, so the
-    workers of the first entry point start without importing them; every Python worker Ray starts in this session pays
-    that import (one idle worker per CPU is started at once). ``num_cpus`` defaults to this machine's CPU count. Does
+    With ``preload=True`` Ray's worker processes import torch, Lightning and raylane as they start (one idle worker per
+    CPU starts at once), so the first entry point's workers start without importing them. That pays off only when the
+    script has that long (tens of seconds on a busy laptop) before its first ``fit``: until the idle workers are
+    ready, the entry point starts workers of its own, which import the same modules on the same cores. Every Python
+    worker Ray starts in this session then imports them too. ``num_cpus`` defaults to this machine's CPU count. Does
     nothing when Ray is already running, when ``RAY_ADDRESS`` names a cluster, or when called twice.
     """
     global _background
@@ -97,7 +101,19 @@ def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
 
 
 def _preload_modules() -> list[str]:
-    return [*WORKER_MODULES, *(name for name in LIGHTNING_NAMESPACES if name in sys.modules)]
+    """raylane's worker module and the Lightning the workers will unpickle: the one the driver imported, or, when it
+    has imported none yet (the call came first, as it should), whichever is installed."""
+    lightning = [name for name in LIGHTNING_NAMESPACES if name in sys.modules] or [
+        name for name in LIGHTNING_NAMESPACES if _installed(name)
+    ][:1]
+    return [*WORKER_MODULES, *lightning]
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # lightning.pytorch when the lightning package is missing
+        return False
 
 
 @contextmanager
