@@ -19,12 +19,8 @@ PYTEST = ["pytest", "-q", "-p", "no:cacheprovider"]
 nox.options.default_venv_backend = "venv"
 # The supported Lightning range (core/pyproject.toml): its oldest release is tested here; the newest (2.6.6) everywhere.
 LIGHTNING_OLDEST = "2.2.5"
-# What covers raylane's use of Lightning: the private-API contract, both namespaces, LightningCLI, one backend's launch.
-LIGHTNING_TESTS = [
-    "core/tests/test_lightning_contract.py",
-    "tests/test_lightning_namespaces.py",
-    "backends/ddp/tests/test_ddp_conformance.py",
-]
+# What covers raylane's use of Lightning: the private-API contract, both namespaces and LightningCLI (fits included).
+LIGHTNING_TESTS = ["core/tests/test_lightning_contract.py", "tests/test_lightning_namespaces.py"]
 
 nox.options.sessions = ["lint", "docs", "core", "backend", "integration", "tune", f"lightning-{LIGHTNING_OLDEST}"]
 nox.options.error_on_missing_interpreters = True
@@ -96,10 +92,9 @@ def example(session: nox.Session) -> None:
 
 @nox.session(name=f"lightning-{LIGHTNING_OLDEST}")
 def lightning_oldest(session: nox.Session) -> None:
-    """The oldest supported Lightning, both namespaces: contract, namespace and CLI tests, and ddp's launch path."""
-    _install_core(session, "-e", "backends/ddp", "-e", "backends/sharded", "-e", "tests/plugins/raylane-echo")
-    # 2.2's lightning_fabric imports pkg_resources, which setuptools 81 removed.
-    session.install(f"pytorch-lightning=={LIGHTNING_OLDEST}", f"lightning=={LIGHTNING_OLDEST}", "setuptools<81")
-    # ddp's conformance: predictions (the recorded sample indices) and a restart (a fit resumed from a checkpoint).
-    selection = "contract or namespaces or predict_returns or restart_from_last_checkpoint"
+    """The oldest supported Lightning, both namespaces: the private-API contract, a fit in each, LightningCLI."""
+    # One install with the old pins (2.2's lightning_fabric imports pkg_resources, which setuptools 81 removed).
+    pins = [f"pytorch-lightning=={LIGHTNING_OLDEST}", f"lightning=={LIGHTNING_OLDEST}", "setuptools<81"]
+    _install_core(session, "-e", "backends/ddp", "-e", "backends/sharded", "-e", "tests/plugins/raylane-echo", *pins)
+    selection = "contract or trains_on_two_workers or command_line_flags or ambiguity"
     session.run(*PYTEST, *LIGHTNING_TESTS, "-k", selection, *session.posargs)

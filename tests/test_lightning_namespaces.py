@@ -1,24 +1,20 @@
 """Users import Lightning as ``pytorch_lightning`` or as ``lightning.pytorch``; raylane's strategies serve both.
 
-The fits run as users' scripts in fresh processes, where only one namespace is imported and raylane has to find out
-which; the rest checks, in this process (where both are imported), what a backend and Lightning's registry see.
+Everything runs as users' scripts in fresh processes, where only one namespace is imported and raylane has to find out
+which (this test process must not import ``lightning.pytorch`` next to ``pytorch_lightning``: every other test here
+would then have to say which one it means).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-
-import raylane
-from raylane import BackendLoadError, ConfigurationError, get_strategy
-from raylane.strategy import RayStrategyMixin
 
 SCRIPTS = Path(__file__).parent / "lightning_scripts"
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
@@ -114,70 +110,22 @@ def test_lightning_imported_after_raylane_still_knows_its_strategies(namespace: 
     assert done.returncode == 0 and "REPORT" in done.stdout, done.stderr[-4000:]
 
 
-@pytest.mark.parametrize("backend", ["ddp", "sharded", "echo"])
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("namespace", NAMESPACES)
-def test_every_backend_builds_a_strategy_the_namespaces_trainer_accepts(backend: str, namespace: str) -> None:
-    import importlib
+def test_backends_registry_and_ambiguity_as_a_process_importing_one_namespace_sees_them(
+    namespace: str, tmp_path: Path
+) -> None:
+    report = run_script("namespace_checks.py", namespace, cwd=tmp_path)
+    suffix = namespace.replace(".", "_")
 
-    lightning = importlib.import_module(namespace)
-
-    strategy = get_strategy(backend, workers=2, lightning=namespace)
-
-    assert isinstance(strategy, lightning.strategies.Strategy)
-    trainer = lightning.Trainer(strategy=strategy, logger=False, enable_progress_bar=False)
-    assert trainer.strategy is strategy
-    copy = pickle.loads(pickle.dumps(strategy))  # as the workers receive it: the same class, found by name
-    assert type(copy) is type(strategy)
-
-
-@pytest.mark.parametrize("namespace", NAMESPACES)
-def test_ray_backend_strings_are_registered_in_both_registries(namespace: str) -> None:
-    import importlib
-
-    lightning = importlib.import_module(namespace)
-    raylane.register_with_lightning(namespace)
-
-    trainer = lightning.Trainer(strategy="ray_ddp", logger=False, enable_progress_bar=False)
-
-    assert isinstance(trainer.strategy, lightning.strategies.Strategy)
-    assert trainer.strategy.launch_options.workers == 2
-
-
-def test_with_both_namespaces_imported_get_strategy_asks_which() -> None:
-    import lightning.pytorch  # noqa: F401
-    import pytorch_lightning  # noqa: F401
-
-    with pytest.raises(ConfigurationError, match=r"both pytorch_lightning and lightning\.pytorch are imported"):
-        get_strategy("ddp", workers=2)
-    with pytest.raises(ConfigurationError, match=r"lightning='lightning\.tensorflow' is not a Lightning namespace"):
-        get_strategy("ddp", workers=2, lightning="lightning.tensorflow")
-
-
-def test_a_backend_written_for_pytorch_lightning_only_keeps_working_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The hook's first form: no ``lightning`` argument, a class that lists pytorch_lightning's DDPStrategy."""
-    from pytorch_lightning.strategies import DDPStrategy
-
-    from raylane.strategy import RayClusterEnvironment
-
-    class OldStyle(RayStrategyMixin, DDPStrategy):
-        backend_name = "echo"
-
-        def __init__(self, workers: int = 2, **options: object) -> None:
-            self.init_ray_options({"workers": workers, **options})
-            super().__init__(cluster_environment=RayClusterEnvironment())
-
-    import raylane_echo
-
-    monkeypatch.setattr(raylane_echo, "raylane_strategy_class", _old_style_hook(OldStyle))
-
-    assert isinstance(get_strategy("echo", workers=2, lightning="pytorch_lightning"), OldStyle)
-    with pytest.raises(BackendLoadError, match=r"Backend 'echo' has no strategy for lightning\.pytorch Trainers"):
-        get_strategy("echo", workers=2, lightning="lightning.pytorch")
-
-
-def _old_style_hook(strategy_class: type) -> object:
-    @raylane.hookimpl
-    def raylane_strategy_class() -> type:
-        return strategy_class
-
-    return raylane_strategy_class
+    assert report["accepted"] == {"ddp": True, "sharded": True, "echo": True}
+    assert report["registry_string"] == [f"RayDDPStrategy.for_{suffix}", 2]
+    assert "both pytorch_lightning and lightning.pytorch are imported" in report["both_imported"]
+    assert "pass lightning='lightning.pytorch' or lightning='pytorch_lightning'" in report["both_imported"]
+    assert report["explicit"] == f"RayDDPStrategy.for_{suffix}"
+    assert "lightning='lightning.tensorflow' is not a Lightning namespace" in report["not_a_namespace"]
+    # A backend written for pytorch_lightning only keeps working there, and says why it cannot serve the other.
+    assert report["old_style"]["pytorch_lightning"] == "OldStyle"
+    assert report["old_style"]["lightning.pytorch"].startswith(
+        "BackendLoadError: Backend 'echo' has no strategy for lightning.pytorch Trainers"
+    )
