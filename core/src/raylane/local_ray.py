@@ -24,17 +24,17 @@ class _BackgroundStart:
     """``ray.init`` on a thread of its own, which then stays alive: Ray's processes are started with a parent-death
     signal tied to the starting thread, so they would be killed if the thread ended."""
 
-    def __init__(self, num_cpus: int, preload: bool) -> None:
+    def __init__(self, num_cpus: int, preload_modules: list[str]) -> None:
         self._ready = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(
-            target=self._run, args=(num_cpus, preload), name="raylane-ray-start", daemon=True
+            target=self._run, args=(num_cpus, preload_modules), name="raylane-ray-start", daemon=True
         )
         self._thread.start()
 
-    def _run(self, num_cpus: int, preload: bool) -> None:
+    def _run(self, num_cpus: int, preload_modules: list[str]) -> None:
         try:
-            _init_local(num_cpus, _preload_modules() if preload else [])
+            _init_local(num_cpus, preload_modules)
         except BaseException as err:  # handed to the thread that waits for Ray
             self._error = err
         finally:
@@ -66,7 +66,9 @@ def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) 
     global _background
     if _background is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return
-    _background = _BackgroundStart(num_cpus or os.cpu_count() or 1, preload)
+    # Worked out here, not on the thread: looking for a package can import it, and two threads importing the same
+    # packages at once can deadlock.
+    _background = _BackgroundStart(num_cpus or os.cpu_count() or 1, _preload_modules() if preload else [])
 
 
 def ensure_ray(cpus_needed: float) -> None:
@@ -110,10 +112,8 @@ def _preload_modules() -> list[str]:
 
 
 def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # lightning.pytorch when the lightning package is missing
-        return False
+    # The top-level package only: finding "lightning.pytorch" would import all of "lightning".
+    return importlib.util.find_spec(module.partition(".")[0]) is not None
 
 
 @contextmanager
