@@ -33,6 +33,20 @@ log = logging.getLogger(__name__)
 
 RELAY_POLL_S = 0.5
 ROOT_CAUSE_GRACE_S = 3.0
+# What a rank raises when a peer died or stopped (torch.distributed, Gloo, NCCL, Horovod), as opposed to an error of
+# its own: only these wait ROOT_CAUSE_GRACE_S for a peer to report its death first.
+PEER_FAILURE_MARKERS = (
+    "DistNetworkError",
+    "DistBackendError",
+    "DistStoreError",
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "HorovodInternalError",
+    "NCCL",
+    "Gloo",
+    "gloo",
+)
 
 MessageHandler = Callable[[str, Any], None]
 
@@ -171,9 +185,10 @@ class WorkerGroup:
     def _root_cause(
         self, rank_of: dict[ray.ObjectRef, int], pending: list[ray.ObjectRef], rank: int, err: Exception
     ) -> tuple[int, Exception]:
-        """When one rank dies, its peers soon raise "connection closed" errors of their own. Give the other ranks a
-        moment to report and blame a dead rank over one that raised, so the error names the real culprit."""
-        if isinstance(err, RayActorError) or not pending:
+        """When one rank dies or raises, its peers soon raise "connection closed" errors of their own. Give the other
+        ranks a moment to report, and blame the rank that died or raised an error of its own, so the error names the
+        real culprit."""
+        if isinstance(err, RayActorError) or not pending or not _looks_like_a_peer_failure(err):
             return rank, err
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=ROOT_CAUSE_GRACE_S)
         for ref in ready:
@@ -181,8 +196,9 @@ class WorkerGroup:
                 ray.get(ref)
             except RayActorError as death:
                 return rank_of[ref], death
-            except RayTaskError:
-                continue
+            except RayTaskError as own:
+                if not _looks_like_a_peer_failure(own):
+                    return rank_of[ref], own  # that rank's own error, which its peers' errors only echo
         return rank, err
 
     def _relay(self, on_message: MessageHandler) -> None:
@@ -221,3 +237,8 @@ class WorkerGroup:
         if self.reservation is not None:
             self.reservation.release()
             self.reservation = None
+
+
+def _looks_like_a_peer_failure(err: Exception) -> bool:
+    text = str(err)
+    return any(marker in text for marker in PEER_FAILURE_MARKERS)
