@@ -1,5 +1,7 @@
 """What a backend and Lightning's registry give a process that imported one namespace (then both), as a JSON line.
 
+raylane is imported before Lightning here, the order that needs raylane to watch for Lightning's import.
+
 ``python namespace_checks.py lightning.pytorch``: run in a fresh interpreter, because which Lightning a process has
 imported is what raylane goes by, and a test process may have imported both.
 """
@@ -12,11 +14,14 @@ import pickle
 import sys
 from typing import Any
 
+# raylane first: Lightning's registry and class checks must still learn raylane's strategies on a later import.
+import raylane
+import raylane_echo
+from raylane import RaylaneError, get_strategy
+from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
+from raylane_ddp.strategy import RayDDPStrategy
+
 pl = importlib.import_module(sys.argv[1])
-import raylane  # noqa: E402  (after Lightning, as a user's script would)
-import raylane_echo  # noqa: E402
-from raylane import RaylaneError, get_strategy  # noqa: E402
-from raylane.strategy import RayClusterEnvironment, RayStrategyMixin  # noqa: E402
 
 BACKENDS = ("ddp", "sharded", "echo")
 OTHER = {"pytorch_lightning": "lightning.pytorch", "lightning.pytorch": "pytorch_lightning"}[sys.argv[1]]
@@ -64,6 +69,7 @@ def main() -> None:
     report: dict[str, Any] = {"accepted": {backend: accepted_by_the_trainer(backend) for backend in BACKENDS}}
     registered = pl.Trainer(strategy="ray_ddp", logger=False, enable_progress_bar=False).strategy
     report["registry_string"] = [type(registered).__qualname__, registered.launch_options.workers]
+    report["class_path_is_a_strategy"] = issubclass(RayDDPStrategy, pl.strategies.Strategy)  # what LightningCLI checks
     importlib.import_module(OTHER)
     report["both_imported"] = error_of(lambda: get_strategy("ddp", workers=2))
     report["explicit"] = type(get_strategy("ddp", workers=2, lightning=sys.argv[1])).__qualname__
