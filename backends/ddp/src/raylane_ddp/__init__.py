@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from raylane import hookimpl
+from raylane.torch_distributed import join_process_group, leave_process_group
 
 if TYPE_CHECKING:
     from raylane import WorkerContext
@@ -43,16 +43,8 @@ def raylane_backend_options() -> Mapping[str, str]:
 
 @hookimpl
 def raylane_setup_process_group(context: WorkerContext) -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # a previous entry point in this process failed before its teardown
-        dist.destroy_process_group()
-    dist.init_process_group(
-        backend=process_group_backend(context.backend_options.get("process_group_backend"), context.uses_gpu),
-        init_method=context.init_method,
-        rank=context.global_rank,
-        world_size=context.world_size,
-        timeout=timedelta(seconds=context.options.collective_timeout),
+    join_process_group(
+        context, process_group_backend(context.backend_options.get("process_group_backend"), context.uses_gpu)
     )
 
 
@@ -69,7 +61,4 @@ def process_group_backend(requested: str | None, uses_gpu: bool) -> str:
 
 @hookimpl
 def raylane_teardown_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()

@@ -7,11 +7,11 @@ torch's ZeroRedundancyOptimizer); see the package README for which engine to pic
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import timedelta
 from types import ModuleType
 from typing import TYPE_CHECKING
 
 from raylane import hookimpl
+from raylane.torch_distributed import join_process_group, leave_process_group
 from raylane_sharded.engines import DEFAULT_ENGINE, ENGINE_OPTIONS, ENGINES
 
 if TYPE_CHECKING:
@@ -35,22 +35,9 @@ def raylane_backend_options() -> Mapping[str, str]:
 
 @hookimpl
 def raylane_setup_process_group(context: WorkerContext) -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():  # a previous entry point in this process failed before its teardown
-        dist.destroy_process_group()
-    dist.init_process_group(
-        backend="nccl" if context.uses_gpu else "gloo",
-        init_method=context.init_method,
-        rank=context.global_rank,
-        world_size=context.world_size,
-        timeout=timedelta(seconds=context.options.collective_timeout),
-    )
+    join_process_group(context, "nccl" if context.uses_gpu else "gloo")
 
 
 @hookimpl
 def raylane_teardown_process_group() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
