@@ -39,8 +39,9 @@ class UnpicklableModel(ClassifierModel):
         self.lock = threading.Lock()
 
 
-class BackendConformance:
-    """What every backend must do. Set ``backend``; override ``backend_options`` for options the backend needs."""
+class ConformanceBase:
+    """Fixtures and helpers of the suites below. Set ``backend``; override ``backend_options`` for options the
+    backend needs."""
 
     backend: ClassVar[str]
     backend_options: ClassVar[dict[str, Any]] = {}
@@ -66,6 +67,10 @@ class BackendConformance:
             "logger": False,
         }
         return pl.Trainer(strategy=strategy or self.strategy(), **{**defaults, **flags})
+
+
+class ResultsConformance(ConformanceBase):
+    """What a backend brings back to the driver, how it ranks its workers, and which bad input it rejects."""
 
     # -- results come back to the driver ---------------------------------------------------------------------------
 
@@ -209,6 +214,15 @@ class BackendConformance:
             self.trainer(tmp_path).fit(UnpicklableModel(), make_loader(8))
         assert_released()
 
+    def test_lightning_strategy_name_resolves(self) -> None:
+        trainer = pl.Trainer(strategy=f"ray_{self.backend}", logger=False, enable_progress_bar=False)
+        assert type(trainer.strategy) is type(self.strategy())
+        assert trainer.strategy.launch_options.workers == 2  # type: ignore[attr-defined]
+
+
+class FailureConformance(ConformanceBase):
+    """Failures never hang and leave nothing behind; a failed fit restarts from its checkpoint."""
+
     # -- failures never hang and leave nothing behind --------------------------------------------------------------
 
     def test_worker_exception_reaches_driver_with_rank(self, tmp_path: Path) -> None:
@@ -297,7 +311,9 @@ class BackendConformance:
         gc.collect()
         assert_released()
 
-    def test_lightning_strategy_name_resolves(self) -> None:
-        trainer = pl.Trainer(strategy=f"ray_{self.backend}", logger=False, enable_progress_bar=False)
-        assert type(trainer.strategy) is type(self.strategy())
-        assert trainer.strategy.launch_options.workers == 2  # type: ignore[attr-defined]
+
+class BackendConformance(ResultsConformance, FailureConformance):
+    """What every backend must do: subclass it in a ``Test...`` class and set ``backend``.
+
+    A second configuration of one backend (another engine, say) may subclass :class:`ResultsConformance` alone: the
+    failure handling it would repeat is the core's, which the backend's first configuration proves."""
