@@ -7,16 +7,18 @@ reports directly. Anywhere else the callbacks warn once and do nothing.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
+import sys
 import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from raylane import relay
@@ -25,6 +27,19 @@ from raylane_tune import _ray_tune, plugin
 from raylane_tune.reporting import REPORT_TOPIC, TuneReport, read_tree, report_to_tune
 
 log = logging.getLogger(__name__)
+
+
+def _users_lightning() -> ModuleType:
+    """The Lightning the user's Trainer comes from, when the process imported exactly one; else pytorch_lightning.
+
+    Lightning calls callback hooks by name, so either namespace's Trainer runs these callbacks; importing the other
+    namespace here would only make ``get_strategy`` unable to tell which one the user trains with.
+    """
+    imported = [name for name in ("pytorch_lightning", "lightning.pytorch") if name in sys.modules]
+    return importlib.import_module(imported[0] if len(imported) == 1 else "pytorch_lightning")
+
+
+pl = _users_lightning()
 
 # Hooks that are not training events, or that would recurse (saving a checkpoint calls on_save_checkpoint).
 _NOT_EVENTS = {"on_save_checkpoint", "on_load_checkpoint", "on_exception"}
