@@ -7,10 +7,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from raylane import get_strategy
@@ -133,3 +135,20 @@ def test_ray_started_in_the_background_serves_the_first_fit(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr[-3000:]
     assert "trained" in result.stdout
     assert "SIGTERM handler is not set" not in result.stderr  # the background start is quiet
+
+
+@pytest.mark.timeout(180)
+def test_a_driver_checkpoint_after_fit_says_it_holds_no_optimizer_state(tmp_path: Path) -> None:
+    ensure_local_ray()
+    model = ClassifierModel(optimizer="adam")
+    trainer = pl.Trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, logger=False, enable_progress_bar=False)
+    trainer.fit(model, make_loader(8))
+    [written] = Path(trainer.checkpoint_callback.best_model_path).parent.glob("*.ckpt")
+    assert torch.load(written, weights_only=False)["optimizer_states"][0]["state"], "the workers' checkpoint has it"
+
+    with pytest.warns(UserWarning, match="no optimizer or LR-scheduler state"):
+        trainer.save_checkpoint(tmp_path / "driver.ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
+    assert torch.equal(torch.load(tmp_path / "weights.ckpt")["state_dict"]["layer.weight"], model.layer.weight)

@@ -20,6 +20,7 @@ import dataclasses
 import inspect
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -31,6 +32,13 @@ from raylane.options import LaunchOptions, split_options
 
 if TYPE_CHECKING:
     from raylane.context import WorkerContext
+
+DRIVER_CHECKPOINT_WARNING = (
+    "trainer.save_checkpoint on the driver saves the weights and progress, but no optimizer or LR-scheduler state: "
+    "those lived on the raylane workers. Resuming from this file starts the optimizer afresh. To resume, use a "
+    "checkpoint ModelCheckpoint wrote during fit (its files come back to the driver, e.g. "
+    "trainer.checkpoint_callback.best_model_path), or pass weights_only=True to save the weights only."
+)
 
 LightningBase = str | Callable[[ModuleType], type]
 """The Lightning strategy a raylane strategy extends: a class name in ``<namespace>.strategies``, or a function of the
@@ -212,6 +220,8 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         return {"num_replicas": self.ray_environment.world_size(), "rank": self.ray_environment.global_rank()}
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        if self.ray_environment.context is None and checkpoint.get("optimizer_states") == []:
+            warnings.warn(DRIVER_CHECKPOINT_WARNING, UserWarning, stacklevel=2)
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
         # Tell the driver where the newest checkpoint is, so it can restart a failed fit from it (max_failures).
         if self.ray_environment.global_rank() == 0:
