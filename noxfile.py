@@ -61,7 +61,8 @@ def backend(session: nox.Session, name: str) -> None:
     _install_core(session, "-e", f"backends/{name}")
     if (ROOT / "backends" / name / "nox_prepare.py").is_file():  # what the backend needs beyond pip (a build)
         session.run("python", f"backends/{name}/nox_prepare.py")
-    session.run("python", "-c", f"import raylane; raylane.get_strategy({name!r}, workers=1)")  # smoke import
+    smoke = f"import pytorch_lightning, raylane; raylane.get_strategy({name!r}, workers=1)"
+    session.run("python", "-c", smoke)  # smoke import
     session.run(*PYTEST, f"backends/{name}/tests", *session.posargs)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import inspect
 import logging
 import sys
@@ -63,14 +64,23 @@ def imported_namespaces() -> list[str]:
     return [name for name in NAMESPACES if name in sys.modules]
 
 
+def installed_namespaces() -> list[str]:
+    """The Lightning namespaces installed here (found without importing them)."""
+    return [name for name in NAMESPACES if importlib.util.find_spec(name.split(".")[0]) is not None]
+
+
 def imported_namespace() -> str:
+    """The namespace this process imported; before any import, the only one installed."""
     imported = imported_namespaces()
     if len(imported) == 1:
         return imported[0]
+    installed = installed_namespaces()
+    if not imported and len(installed) == 1:
+        return installed[0]
     if imported:
         problem = "both pytorch_lightning and lightning.pytorch are imported in this process"
     else:
-        problem = "neither pytorch_lightning nor lightning.pytorch is imported yet"
+        problem = "neither pytorch_lightning nor lightning.pytorch is imported yet, and both are installed"
     raise ConfigurationError(
         f"raylane cannot tell which Lightning your Trainer comes from: {problem}. Import the one you train with first "
         "(`import lightning.pytorch as pl` or `import pytorch_lightning as pl`), or pass "
