@@ -141,7 +141,13 @@ def test_ray_started_in_the_background_serves_the_first_fit(tmp_path: Path) -> N
 def test_a_driver_checkpoint_after_fit_says_it_holds_no_optimizer_state(tmp_path: Path) -> None:
     ensure_local_ray()
     model = ClassifierModel(optimizer="adam")
-    trainer = pl.Trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, logger=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        strategy=get_strategy("ddp", workers=2),
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(model, make_loader(8))
     [written] = Path(trainer.checkpoint_callback.best_model_path).parent.glob("*.ckpt")
     assert torch.load(written, weights_only=False)["optimizer_states"][0]["state"], "the workers' checkpoint has it"
