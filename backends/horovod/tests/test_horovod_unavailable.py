@@ -41,7 +41,7 @@ WITHOUT_HOROVOD = BLOCK_HOROVOD + textwrap.dedent(
     from raylane import BackendLoadError, get_strategy
 
     try:
-        get_strategy("horovod", workers=2)
+        get_strategy("horovod", workers=2, lightning="pytorch_lightning")
     except BackendLoadError as err:
         report["error"] = str(err)
     import ray
@@ -90,6 +90,6 @@ def test_get_strategy_works_where_horovod_is_installed() -> None:
     pytest.importorskip("horovod.torch", reason="Horovod is not installed; the other direction is tested above")
     from raylane import get_strategy
 
-    strategy = get_strategy("horovod", workers=2, compression="fp16")
+    strategy = get_strategy("horovod", workers=2, compression="fp16", lightning="pytorch_lightning")
     assert type(strategy).__name__ == "RayHorovodStrategy"
     assert strategy.optimizer_settings.compression == "fp16"  # type: ignore[attr-defined]

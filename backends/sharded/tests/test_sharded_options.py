@@ -82,7 +82,7 @@ def test_entry_module_and_driver_strategy_import_no_engine() -> None:
     loaded = f"[m for m in {heavy!r} if m in sys.modules]"
     code = (
         f"import sys, raylane_sharded; print({loaded}); "
-        f"import raylane; raylane.get_strategy('sharded', workers=2); print({loaded})"
+        f"import raylane; raylane.get_strategy('sharded', workers=2, lightning='pytorch_lightning'); print({loaded})"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     listing, after_get_strategy = result.stdout.strip().splitlines()
