@@ -57,6 +57,8 @@ def test_ctrl_c_on_the_driver_stops_workers(tmp_path: Path, shared_cluster: str)
             import pytorch_lightning as pl, ray
             from raylane import get_strategy
             faulthandler.register(signal.SIGUSR1)  # the test asks for every thread's stack if the driver stays
+            # As in a terminal, whatever the test runner's parent ignores (a shell's background job ignores SIGINT).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             from raylane.testing import ClassifierModel, make_loader
 
             class Slow(ClassifierModel):
