@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = DigitsDataModule(batch_size=args.batch_size, seed=args.seed)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
-        strategy=get_strategy("ddp", workers=args.workers, idle_timeout=30),  # test() reuses the workers
+        strategy=get_strategy("ddp", workers=args.workers),  # test() reuses the warm workers
         enable_progress_bar=False,
         enable_checkpointing=False,  # nothing worth keeping from a run this short
         logger=False,

@@ -43,10 +43,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     pl.seed_everything(0, verbose=False)
     model = DigitsPredictor()
     data = DigitsDataModule()
-    strategy = get_strategy("horovod", workers=args.workers, compression=args.compression, idle_timeout=30)
+    strategy = get_strategy("horovod", workers=args.workers, compression=args.compression)
     trainer = pl.Trainer(
         max_epochs=args.epochs,
-        strategy=strategy,  # idle_timeout: predict() reuses the workers fit() started
+        strategy=strategy,  # predict() reuses the warm workers fit() started
         enable_progress_bar=False,
         enable_checkpointing=False,
         logger=False,

@@ -107,8 +107,11 @@ def test_repeated_fit_and_test_leave_nothing_behind(tmp_path: Path) -> None:
         trainer.fit(model, make_loader(8))
         rendezvous_ports.add(int(json.loads((tmp_path / "fit-rank0.json").read_text())["env"]["MASTER_PORT"]))
         trainer.test(model, make_loader(8))
-        del trainer
-        gc.collect()  # a Trainer that is gone releases its warm workers
+        # Not left to the garbage collector: on Python < 3.13, save_hyperparameters() leaves a snapshot of this
+        # frame's locals (this Trainer included) that outlives `del`. Idle workers also leave after idle_timeout.
+        trainer.strategy.release_workers()
+        del trainer, model
+        gc.collect()
         peak_rss_kib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         open_files.append(len(os.listdir("/proc/self/fd")))
     assert_released()
@@ -125,10 +128,11 @@ def test_trainers_in_parallel_threads_do_not_collide(tmp_path: Path) -> None:
     ensure_local_ray()
     errors: list[BaseException] = []
     models = [ClassifierModel() for _ in range(2)]
+    trainers = [_trainer(tmp_path / str(index), max_epochs=2) for index in range(2)]
 
     def fit(index: int) -> None:
         try:
-            _trainer(tmp_path / str(index), max_epochs=2).fit(models[index], make_loader(8))
+            trainers[index].fit(models[index], make_loader(8))
         except BaseException as err:  # surfaced below
             errors.append(err)
 
@@ -139,6 +143,8 @@ def test_trainers_in_parallel_threads_do_not_collide(tmp_path: Path) -> None:
         thread.join(timeout=240)
     assert not errors, errors
     assert all(not thread.is_alive() for thread in threads)
+    for trainer in trainers:
+        trainer.strategy.release_workers()  # warm for a next entry point until then
     assert_released()
 
 

@@ -33,7 +33,7 @@ def _trainer(root: Path, callback: pl.Callback, **flags: object) -> pl.Trainer:
 
 def _scratch(callback: pl.Callback) -> Path:
     # Where a checkpoint for Tune would have been written before relaying it.
-    return Path(tempfile.gettempdir()) / "raylane_tune" / callback._scratch_key  # type: ignore[attr-defined]
+    return Path(tempfile.gettempdir()) / "raylane_tune" / callback.sender_id  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("callback_class", CALLBACKS)

@@ -66,6 +66,7 @@ class WorkerGroup:
         self.actors: list[ray.actor.ActorHandle] = []
         self.placements: list[WorkerPlacement] = []
         self.contexts: list[WorkerContext] = []
+        self._rendezvous_used = False  # whether a run has used the store the contexts point to
         self.marks: dict[str, float] = {}  # driver-side wall-clock marks of start() and run(), for benchmarks
 
     def __enter__(self) -> WorkerGroup:
@@ -105,6 +106,7 @@ class WorkerGroup:
         timeout_s = self.options.collective_timeout
         master_port = self._gather([self.actors[0].open_rendezvous.remote(timeout_s)])[0]
         self.contexts = self._contexts(self.placements, master_port)
+        self._rendezvous_used = False
 
     def is_alive(self) -> bool:
         """Whether every actor still answers (a warm group is only reused when it does)."""
@@ -141,7 +143,9 @@ class WorkerGroup:
 
     def run(self, payload: ray.ObjectRef, on_message: MessageHandler | None = None) -> list[WorkerOutput]:
         """Run the payload on every worker; return their outputs in rank order, or raise the first failure."""
-        self._refresh_contexts()
+        if self._rendezvous_used:
+            self._refresh_contexts()
+        self._rendezvous_used = True
         self.marks["entry_point_sent"] = time.time()
         refs = [actor.run.remote(context, [payload]) for actor, context in zip(self.actors, self.contexts)]
         outputs = self._gather(refs, on_message, Heartbeat(self.actors, self.options.heartbeat_timeout))
@@ -228,6 +232,9 @@ class WorkerGroup:
 
     def shutdown(self) -> None:
         """Kill every actor and release the placement group. Safe to call more than once."""
+        if not ray.is_initialized():  # ray.shutdown() took everything down already; asking Ray would restart it
+            self.actors, self.reservation = [], None
+            return
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)

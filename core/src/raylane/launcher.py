@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from raylane import _lightning, console, relay
+from raylane import _lightning, _ray, console, relay
 from raylane.errors import ConfigurationError, WorkerError
 from raylane.group import WorkerGroup
+from raylane.idle import IdleWatch
 from raylane.local_ray import ensure_ray
 from raylane.payload import GlobalTorchState, LaunchPayload, put_payload
 from raylane.predictions import merge_predictions
@@ -39,7 +40,8 @@ class RayLauncher:
 
     The actors start with the first entry point and stay warm for the next ones (fit -> validate -> test -> predict
     pay start-up once). They are released when an entry point fails, after ``idle_timeout`` seconds without a next
-    entry point, when the strategy (with its Trainer) is garbage collected, or by ``strategy.release_workers()``.
+    entry point, as soon as other work waits for the resources they hold (raylane.idle), when the strategy (with its
+    Trainer) is garbage collected, or by ``strategy.release_workers()``.
     """
 
     def __init__(self, strategy: RayStrategyMixin) -> None:
@@ -47,9 +49,9 @@ class RayLauncher:
         self._strategy = strategy
         self._group: WorkerGroup | None = None
         self._finalizer: weakref.finalize | None = None
-        self._lock = threading.Lock()  # the idle timer's thread and the Trainer's thread both release
+        self._lock = threading.Lock()  # the idle watch's thread and the Trainer's thread both release
         self._busy = False
-        self._idle_timer: threading.Timer | None = None
+        self._idle_watch: IdleWatch | None = None
         self.last_checkpoint: str | None = None  # newest checkpoint rank 0 saved, where a restart resumes from
         # Wall-clock marks (time.time()) of the last entry point, on the driver and on each rank: see benchmarks/.
         self.timeline: dict[str, Any] = {}
@@ -100,8 +102,8 @@ class RayLauncher:
         marks["payload_stored"] = time.time()
         with self._lock:
             self._busy = True
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
+            if self._idle_watch is not None:
+                self._idle_watch.cancel()
         try:
             group = self._warm_group(host)
             outputs = group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
@@ -113,7 +115,7 @@ class RayLauncher:
             self.release()
             raise
         self._busy = False
-        self._start_idle_timer()
+        self._watch_idle_workers()
         marks["workers_released_or_kept"] = time.time()
         rank_zero = outputs[0].rank_zero
         assert rank_zero is not None, "rank 0 always reports the trainer state"
@@ -134,8 +136,8 @@ class RayLauncher:
         self.release()
         # Warm workers never block new work: idle groups of this driver's other Trainers make room first.
         for launcher in list(_LAUNCHERS):
-            if launcher is not self and not launcher._busy:
-                launcher.release()
+            if launcher is not self:
+                launcher._release_if_idle("another Trainer of this driver starts workers")
         group = WorkerGroup(host, self._strategy.launch_options, self._strategy.backend_options)
         self._group = group
         self._finalizer = weakref.finalize(self, group.shutdown)
@@ -146,23 +148,35 @@ class RayLauncher:
     def release(self) -> None:
         """Stop the warm workers and free their resources now."""
         with self._lock:
-            if self._idle_timer is not None:
-                self._idle_timer.cancel()
-            if self._finalizer is not None:
-                self._finalizer()  # runs group.shutdown once
-            self._group, self._finalizer, self._idle_timer = None, None, None
+            self._release_locked()
 
-    def _start_idle_timer(self) -> None:
+    def _release_if_idle(self, reason: str) -> None:
+        with self._lock:  # atomic with the next entry point's claim, so a run never loses its workers mid-start
+            if self._busy or self._group is None:
+                return
+            log.info("raylane: releasing the idle warm workers: %s.", reason)
+            self._release_locked()
+
+    def _release_locked(self) -> None:
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
+        if self._finalizer is not None:
+            self._finalizer()  # runs group.shutdown once
+        self._group, self._finalizer, self._idle_watch = None, None, None
+
+    def _watch_idle_workers(self) -> None:
         timeout = self._strategy.launch_options.idle_timeout
-        if timeout <= 0:
+        group = self._group
+        if timeout <= 0 or group is None or group.reservation is None:
             self.release()
             return
-        # A weak reference: a pending timer must not keep a dropped Trainer's workers alive.
-        timer = threading.Timer(timeout, _release_if_idle, args=(weakref.ref(self),))
-        timer.daemon = True
+        held = self._strategy.launch_options.worker_resources() if group.reservation.owned else {}
+        # A weak reference: a watching thread must not keep a dropped Trainer's workers alive.
+        launcher = weakref.ref(self)
+        watch = IdleWatch(lambda reason: _release_if_idle(launcher, reason), timeout, held.keys())
         with self._lock:
-            self._idle_timer = timer
-        timer.start()
+            self._idle_watch = watch
+        watch.start()
 
     def _on_message(self, host: BackendHost, trainer: pl.Trainer, topic: str, payload: Any) -> None:
         if topic == relay.CHECKPOINT_SAVED:
@@ -176,7 +190,7 @@ class RayLauncher:
 
     def __getstate__(self) -> dict[str, Any]:
         # The launcher travels inside the pickled Trainer; actor handles and the placement group stay on the driver.
-        state = {**self.__dict__, "_group": None, "_finalizer": None, "_idle_timer": None, "_busy": False}
+        state = {**self.__dict__, "_group": None, "_finalizer": None, "_idle_watch": None, "_busy": False}
         del state["_lock"]
         return state
 
@@ -185,10 +199,10 @@ class RayLauncher:
         _LAUNCHERS.add(self)
 
 
-def _release_if_idle(launcher_ref: weakref.ref[RayLauncher]) -> None:
+def _release_if_idle(launcher_ref: weakref.ref[RayLauncher], reason: str) -> None:
     launcher = launcher_ref()
-    if launcher is not None and not launcher._busy:
-        launcher.release()
+    if launcher is not None:
+        launcher._release_if_idle(reason)
 
 
 def check_trainer_flags(trainer: pl.Trainer, workers: int) -> None:
@@ -222,27 +236,9 @@ def _log_start(group: WorkerGroup) -> None:
     nodes = len({context.placement.node_id for context in group.contexts})
     where = ", ".join(f"{ip}: {count}" for ip, count in per_node.items())
     devices = ", ".join(sorted({context.device for context in group.contexts}))
-    dashboard = _dashboard_url()
+    dashboard = _ray.dashboard_url()
     rank_zero_info(
         f"raylane: {group.host.backend} backend, {options.workers} worker(s) on {nodes} node(s) ({where}), placement "
         f"{options.placement_strategy}; {options.cpus_per_worker:g} CPU and {options.gpus:g} GPU per worker, devices "
         f"{devices}; " + (f"Ray dashboard {dashboard}" if dashboard else "no Ray dashboard")
     )
-
-
-def _dashboard_url() -> str | None:
-    """The Ray dashboard's address, or None when Ray runs without one.
-
-    Ray's only public way to it is the return value of ``ray.init()``, which raylane does not see when the user
-    connected; so this asks Ray's worker module, and treats any failure (a Ray Client driver, a Ray that moved the
-    function) as no dashboard.
-    """
-    try:
-        from ray._private.worker import get_dashboard_url
-
-        url = get_dashboard_url()
-    except Exception:
-        return None
-    if not url:
-        return None
-    return url if "://" in url else f"http://{url}"

@@ -34,7 +34,7 @@ class LaunchOptions:
     collective_timeout: float = 1800.0
     heartbeat_timeout: float = 30.0
     max_failures: int = 0
-    idle_timeout: float = 0.0
+    idle_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         _check_workers(self.workers)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 import logging
 import shutil
-import sys
 import tempfile
 import uuid
 import warnings
@@ -21,7 +20,7 @@ from typing import Any
 
 import torch
 
-from raylane import relay
+from raylane import _lightning, relay
 from raylane.errors import ConfigurationError
 from raylane_tune import _ray_tune, plugin
 from raylane_tune.reporting import REPORT_TOPIC, TuneReport, read_tree, report_to_tune
@@ -30,13 +29,16 @@ log = logging.getLogger(__name__)
 
 
 def _users_lightning() -> ModuleType:
-    """The Lightning the user's Trainer comes from, when the process imported exactly one; else pytorch_lightning.
+    """The Lightning the user's Trainer comes from (see ``raylane._lightning.imported_namespace``); pytorch_lightning
+    when raylane cannot tell.
 
     Lightning calls callback hooks by name, so either namespace's Trainer runs these callbacks; importing the other
     namespace here would only make ``get_strategy`` unable to tell which one the user trains with.
     """
-    imported = [name for name in ("pytorch_lightning", "lightning.pytorch") if name in sys.modules]
-    return importlib.import_module(imported[0] if len(imported) == 1 else "pytorch_lightning")
+    try:
+        return _lightning.namespace(_lightning.imported_namespace())
+    except ConfigurationError:
+        return importlib.import_module("pytorch_lightning")
 
 
 pl = _users_lightning()
@@ -82,7 +84,8 @@ class _TuneCallback(pl.Callback):
         self.on = _hook_names(on)
         self.filename = "checkpoint"
         self._warned: set[str] = set()
-        self._scratch_key = uuid.uuid4().hex  # the same on every rank: the Trainer travels pickled
+        # Names this callback's reports and scratch files; the same on every rank, since the Trainer travels pickled.
+        self.sender_id = uuid.uuid4().hex
         # On the driver: what this Trainer already reported. A fit that raylane restarts from an older checkpoint
         # replays some epochs; their reports would be duplicate Tune iterations.
         self.reported: set[tuple[str, int, int]] = set()
@@ -109,7 +112,7 @@ class _TuneCallback(pl.Callback):
         if trainer.global_rank == 0:
             origin = f"on_{hook} at epoch {trainer.current_epoch}, step {trainer.global_step}"
             progress = (hook, trainer.current_epoch, trainer.global_step)
-            send(TuneReport(metrics, files, origin, progress=progress, sender=self._scratch_key))
+            send(TuneReport(metrics, files, origin, progress=progress, sender=self.sender_id))
 
     @staticmethod
     def _destination() -> Callable[[TuneReport], Any] | None:
@@ -137,7 +140,7 @@ class _TuneCallback(pl.Callback):
 
     def _save_checkpoint(self, trainer: pl.Trainer) -> dict[str, bytes] | None:
         # One directory per callback and node; every rank of the run uses the same path.
-        directory = Path(tempfile.gettempdir()) / "raylane_tune" / self._scratch_key
+        directory = Path(tempfile.gettempdir()) / "raylane_tune" / self.sender_id
         directory.mkdir(parents=True, exist_ok=True)
         # Every rank calls it: DDP writes on rank 0 only, sharded strategies write every rank's part.
         trainer.save_checkpoint(directory / self.filename)
@@ -185,7 +188,8 @@ class TuneReportCheckpointCallback(_TuneCallback):
 
 def deliver(trainer: pl.Trainer, message: TuneReport) -> None:
     """*Driver.* Report what rank 0 relayed, unless this Trainer reported it before a restart already."""
-    callback = next((cb for cb in trainer.callbacks if getattr(cb, "_scratch_key", None) == message.sender), None)
+    senders = (cb for cb in trainer.callbacks if isinstance(cb, _TuneCallback) and cb.sender_id == message.sender)
+    callback = next(senders, None)
     if callback is not None and message.progress is not None:
         if message.progress in callback.reported:
             log.info("raylane_tune: %s was reported before the restart; not reporting it again.", message.origin)

@@ -53,7 +53,7 @@ class ConformanceBase:
     def _ray(self) -> Iterator[None]:
         ensure_local_ray()
         yield
-        gc.collect()  # finished Trainers release their warm workers, so the next test finds the CPUs free
+        gc.collect()  # Trainers nothing references release their warm workers (the next run would release them too)
 
     def strategy(self, **options: Any) -> pl.strategies.Strategy:
         return get_strategy(self.backend, **{"workers": self.workers, **self.backend_options, **options})
@@ -112,7 +112,7 @@ class ResultsConformance(ConformanceBase):
 
     def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:
         model = ClassifierModel(report_dir=str(tmp_path))
-        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=60), max_epochs=1)
+        trainer = self.trainer(tmp_path, max_epochs=1)  # warm by default
         trainer.fit(model, make_loader(8))
         trainer.test(model, make_loader(8))
         fit_pids = sorted(json.loads(p.read_text())["pid"] for p in tmp_path.glob("fit-rank*.json"))
@@ -125,6 +125,15 @@ class ResultsConformance(ConformanceBase):
         trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=1))
         trainer.validate(ClassifierModel(), make_loader(8))
         assert_released(timeout_s=20)
+
+    def test_idle_workers_make_way_for_work_that_waits_for_their_cpus(self, tmp_path: Path) -> None:
+        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=600))
+        trainer.validate(ClassifierModel(), make_loader(8))
+        everything = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(lambda: "ran")
+        assert ray.get(everything.remote(), timeout=60) == "ran", "the idle workers gave their CPUs back"
+        assert_released()
+        trainer.validate(ClassifierModel(), make_loader(8))  # the same Trainer starts fresh workers
+        trainer.strategy.release_workers()  # type: ignore[attr-defined]
 
     # -- ranks, sampler, initial weights ---------------------------------------------------------------------------
 

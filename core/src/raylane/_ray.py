@@ -1,0 +1,50 @@
+"""The only Ray calls outside Ray's public API, kept here so a Ray release that moves them breaks one module.
+
+Each one degrades to "Ray cannot say" (None) instead of failing a run; ``core/tests/test_ray_internals.py`` fails
+loudly when a Ray release stops answering them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import ray
+
+log = logging.getLogger(__name__)
+
+
+def dashboard_url() -> str | None:
+    """The Ray dashboard's address, or None when Ray runs without one.
+
+    Ray's only public way to it is the return value of ``ray.init()``, which raylane does not see when the user
+    connected; so this asks Ray's worker module.
+    """
+    try:
+        from ray._private.worker import get_dashboard_url
+
+        url = get_dashboard_url()
+    except Exception:  # a Ray Client driver, a Ray that moved the function
+        return None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def waiting_demands() -> list[Mapping[str, float]] | None:
+    """The resource bundles that tasks, actors and placement groups anywhere in the cluster are waiting for.
+
+    This is what ``ray status`` shows under "Pending demands", read from the control store in a few milliseconds. None
+    when Ray cannot say (a Ray Client driver, a Ray that changed the call).
+    """
+    if not ray.is_initialized():  # asking a shut-down Ray would start a new one
+        return None
+    try:
+        from ray.autoscaler.v2.sdk import get_cluster_status
+
+        status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
+        waiting = [*status.resource_demands.ray_task_actor_demand, *status.resource_demands.placement_group_demand]
+        return [dict(request.bundle) for demand in waiting for request in demand.bundles_by_count]
+    except Exception:
+        log.debug("Ray did not report its pending demands", exc_info=True)
+        return None
