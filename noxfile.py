@@ -27,10 +27,10 @@ nox.options.error_on_missing_interpreters = True
 
 
 def _install_core(session: nox.Session, *extra: str) -> None:
-    # --no-compile: byte-compiling every installed file (torch and Ray hold thousands the tests never import) takes
-    # longer than the install itself; Python compiles what is imported, once, on first use.
-    session.install("--no-compile", TORCH)
-    session.install("--no-compile", "-e", "core[testing]", *extra)
+    # Installs byte-compile (pip's default), which costs seconds here but matters: with PYTHONDONTWRITEBYTECODE set, as
+    # on this project's machines, Python would otherwise compile torch and Ray from source in every worker process.
+    session.install(TORCH)
+    session.install("-e", "core[testing]", *extra)
 
 
 @nox.session
