@@ -6,6 +6,9 @@ multi-GB CUDA build. Backends are discovered from the folders under backends/, o
 
 from __future__ import annotations
 
+import functools
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import nox
@@ -24,6 +27,25 @@ LIGHTNING_TESTS = ["core/tests/test_lightning_contract.py", "tests/test_lightnin
 
 nox.options.sessions = ["lint", "docs", "core", "backend", "integration", "tune", f"lightning-{LIGHTNING_OLDEST}"]
 nox.options.error_on_missing_interpreters = True
+
+
+def _one_off(session_function: Callable[..., None]) -> Callable[..., None]:
+    """Throws the session's environment away when it ends, unless the run reuses environments (``nox -r``).
+
+    Each test environment holds torch and Ray (about 1.5 GB): a one-off run of the whole matrix, as CI's, then needs
+    the disk of one session at a time instead of all of them at once.
+    """
+
+    @functools.wraps(session_function)
+    def run_then_discard(session: nox.Session, *args: object, **kwargs: object) -> None:
+        try:
+            session_function(session, *args, **kwargs)
+        finally:
+            environment = session.virtualenv
+            if not getattr(environment, "reuse_existing", True) and environment.location:
+                shutil.rmtree(environment.location, ignore_errors=True)
+
+    return run_then_discard
 
 
 def _install_core(session: nox.Session, *extra: str) -> None:
@@ -49,6 +71,7 @@ def docs(session: nox.Session) -> None:
 
 
 @nox.session
+@_one_off
 def core(session: nox.Session) -> None:
     """The core with no backend installed: discovery and every backend-free path must still work."""
     _install_core(session)
@@ -58,6 +81,7 @@ def core(session: nox.Session) -> None:
 
 @nox.session
 @nox.parametrize("name", BACKENDS)
+@_one_off
 def backend(session: nox.Session, name: str) -> None:
     """One backend alone: its own tests, which include the core's conformance suite."""
     _install_core(session, "-e", f"backends/{name}")
@@ -69,6 +93,7 @@ def backend(session: nox.Session, name: str) -> None:
 
 
 @nox.session
+@_one_off
 def integration(session: nox.Session) -> None:
     """Everything together, plus a third-party backend that lives only in the test tree."""
     packages = [arg for name in BACKENDS for arg in ("-e", f"backends/{name}")]
@@ -79,6 +104,7 @@ def integration(session: nox.Session) -> None:
 
 
 @nox.session
+@_one_off
 def tune(session: nox.Session) -> None:
     """The Ray Tune bridge (an extension, not a backend) with the ddp backend: real trials on a local Ray."""
     _install_core(session, "-e", "backends/ddp", "-e", "tune_bridge")
@@ -87,6 +113,7 @@ def tune(session: nox.Session) -> None:
 
 
 @nox.session
+@_one_off
 def example(session: nox.Session) -> None:
     """The README's first command: train the digits example on 2 Ray workers."""
     _install_core(session, "-e", "backends/ddp", "scikit-learn")
@@ -94,6 +121,7 @@ def example(session: nox.Session) -> None:
 
 
 @nox.session(name=f"lightning-{LIGHTNING_OLDEST}")
+@_one_off
 def lightning_oldest(session: nox.Session) -> None:
     """The oldest supported Lightning, both namespaces: the private-API contract, a fit in each, LightningCLI."""
     # One install with the old pins (2.2's lightning_fabric imports pkg_resources, which setuptools 81 removed).

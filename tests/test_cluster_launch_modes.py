@@ -84,8 +84,7 @@ def _accepts(port: int) -> bool:
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
     """Stop every process of this head (its own process group), never another Ray on the machine (no `ray stop`)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGTERM)  # `ray start --block` stops the head's processes on its way out
+    process.terminate()  # `ray start --block` stops the head's processes on its way out
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=20)
     with contextlib.suppress(ProcessLookupError):
