@@ -16,29 +16,61 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ray.util.placement_group import placement_group, remove_placement_group
 
-from raylane.idle import IdleWatch, wanted_resources
+from raylane.idle import IdleWatch, helped_by_release
+from raylane.placement import fits
 from raylane.testing import ensure_local_ray
 
-RESOURCE_NAMES = st.sampled_from(["CPU", "GPU", "memory", "accelerator_type:A100", "custom"])
-DEMANDS = st.lists(st.dictionaries(RESOURCE_NAMES, st.floats(min_value=0, max_value=8), max_size=3), max_size=5)
+RESOURCE_NAMES = st.sampled_from(["CPU", "GPU", "accelerator_type:A100", "custom"])
+RESOURCES = st.dictionaries(RESOURCE_NAMES, st.integers(min_value=0, max_value=8).map(float), max_size=3)
+NODES = st.dictionaries(st.sampled_from(["node-a", "node-b", "node-c"]), RESOURCES, max_size=3)
 
 
-@settings(max_examples=200, deadline=None)
-@given(demands=DEMANDS, held=st.sets(RESOURCE_NAMES))
-def test_a_demand_wants_the_workers_only_when_they_hold_everything_it_asks_for(
-    demands: list[dict[str, float]], held: set[str]
+def after_release(free: dict[str, dict[str, float]], held: dict[str, dict[str, float]]) -> list[dict[str, float]]:
+    """Each node's free resources once the workers' holdings return to it."""
+    nodes = free.keys() | held.keys()
+    return [
+        {
+            name: free.get(n, {}).get(name, 0) + held.get(n, {}).get(name, 0)
+            for name in {*free.get(n, {}), *held.get(n, {})}
+        }
+        for n in nodes
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(demands=st.lists(RESOURCES, max_size=5), free=NODES, held=NODES, more=NODES)
+def test_a_demand_counts_when_it_waits_now_and_would_run_after_the_release(
+    demands: list[dict[str, float]],
+    free: dict[str, dict[str, float]],
+    held: dict[str, dict[str, float]],
+    more: dict[str, dict[str, float]],
 ) -> None:
-    wanted = wanted_resources(demands, held)
-    assert wanted <= held
-    satisfiable = [{name for name, amount in d.items() if amount > 0} for d in demands]
-    expected = set().union(*(asked for asked in satisfiable if asked and asked <= held))
-    assert wanted == expected
+    def asked(demand: dict[str, float]) -> set[str]:
+        return {name for name, amount in demand.items() if amount > 0}
+
+    helped = [
+        demand
+        for demand in demands
+        if asked(demand)
+        and not any(fits(demand, resources) for resources in free.values())
+        and any(fits(demand, resources) for resources in after_release(free, held))
+    ]
+    wanted = helped_by_release(demands, free, held)
+    assert wanted == set().union(*map(asked, helped))
+    assert not helped_by_release(demands, free, {}), "workers that hold nothing free nothing"
+    holding_more = {node: {**more.get(node, {}), **held.get(node, {})} for node in held.keys() | more.keys()}
+    assert wanted <= helped_by_release(demands, free, holding_more), "holding more never makes the workers stay"
 
 
-def test_cpu_workers_ignore_a_gpu_demand_and_answer_a_cpu_one() -> None:
-    assert wanted_resources([{"GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}], {"CPU"}) == set()
-    assert wanted_resources([{"GPU": 1.0}, {"CPU": 2.0}], {"CPU"}) == {"CPU"}
-    assert wanted_resources([{"CPU": 0.0}], {"CPU"}) == set(), "a zero-CPU actor waits for nothing the workers hold"
+def test_cpu_workers_answer_a_cpu_demand_but_not_a_gpu_or_an_impossible_one() -> None:
+    free = {"a": {"CPU": 0.0, "GPU": 0.0}, "b": {"CPU": 1.0}}
+    held = {"a": {"CPU": 2.0}}
+    assert helped_by_release([{"CPU": 2.0}], free, held) == {"CPU"}
+    assert helped_by_release([{"GPU": 1.0}, {"CPU": 1.0, "GPU": 1.0}], free, held) == set()
+    assert helped_by_release([{"CPU": 3.0}], free, held) == set(), "no node could hold it, with or without them"
+    assert helped_by_release([{"CPU": 1.0}], free, held) == set(), "it fits on node b already"
+    assert helped_by_release([{"CPU": 0.0}], free, held) == set(), "a zero-CPU actor waits for nothing they hold"
+    assert helped_by_release([{"CPU": 2.0, "GPU": 1.0}], {"a": {"GPU": 1.0}}, held) == {"CPU", "GPU"}
 
 
 @pytest.fixture
@@ -51,7 +83,11 @@ def all_cpus_taken() -> Iterator[None]:
     remove_placement_group(hold)
 
 
-def watch(timeout_s: float, held: set[str]) -> tuple[IdleWatch, queue.Queue[str]]:
+def this_node_holds(resources: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {ray.get_runtime_context().get_node_id(): resources}
+
+
+def watch(timeout_s: float, held: dict[str, dict[str, float]]) -> tuple[IdleWatch, queue.Queue[str]]:
     reasons: queue.Queue[str] = queue.Queue()
     idle = IdleWatch(reasons.put, timeout_s, held)
     idle.start()
@@ -60,7 +96,7 @@ def watch(timeout_s: float, held: set[str]) -> tuple[IdleWatch, queue.Queue[str]
 
 @pytest.mark.timeout(60)
 def test_a_pending_placement_group_releases_idle_cpu_workers_at_once(all_cpus_taken: None) -> None:
-    idle, reasons = watch(timeout_s=120, held={"CPU"})
+    idle, reasons = watch(timeout_s=120, held=this_node_holds({"CPU": 1.0}))
     waiting = placement_group([{"CPU": 1}])
     try:
         started = time.monotonic()
@@ -74,7 +110,7 @@ def test_a_pending_placement_group_releases_idle_cpu_workers_at_once(all_cpus_ta
 
 @pytest.mark.timeout(60)
 def test_a_pending_task_releases_idle_cpu_workers_at_once(all_cpus_taken: None) -> None:
-    idle, reasons = watch(timeout_s=120, held={"CPU"})
+    idle, reasons = watch(timeout_s=120, held=this_node_holds({"CPU": 1.0}))
     waiting = ray.remote(num_cpus=1)(lambda: None).remote()
     try:
         assert "other work waits for CPU" in reasons.get(timeout=20)
@@ -84,9 +120,19 @@ def test_a_pending_task_releases_idle_cpu_workers_at_once(all_cpus_taken: None) 
 
 
 @pytest.mark.timeout(60)
+def test_a_demand_no_node_could_hold_leaves_idle_workers_alone(all_cpus_taken: None) -> None:
+    _, reasons = watch(timeout_s=3, held=this_node_holds({"CPU": 1.0}))
+    impossible = placement_group([{"CPU": ray.cluster_resources()["CPU"] + 1}])  # waits for an autoscaler, forever
+    try:
+        assert "idle for 3 s (idle_timeout)" in reasons.get(timeout=20)
+    finally:
+        remove_placement_group(impossible)
+
+
+@pytest.mark.timeout(60)
 def test_workers_whose_release_frees_nothing_for_others_wait_out_their_timeout(all_cpus_taken: None) -> None:
     # held is empty for workers inside a placement group someone else owns (a Tune trial's).
-    _, reasons = watch(timeout_s=3, held=set())
+    _, reasons = watch(timeout_s=3, held={})
     waiting = placement_group([{"CPU": 1}])
     try:
         started = time.monotonic()
@@ -98,7 +144,7 @@ def test_workers_whose_release_frees_nothing_for_others_wait_out_their_timeout(a
 
 @pytest.mark.timeout(30)
 def test_a_cancelled_watch_never_releases() -> None:
-    idle, reasons = watch(timeout_s=1, held=set())
+    idle, reasons = watch(timeout_s=1, held={})
     idle.cancel()
     with pytest.raises(queue.Empty):
         reasons.get(timeout=3)

@@ -15,15 +15,18 @@ from raylane.testing import ensure_local_ray
 
 
 @pytest.mark.timeout(60)
-def test_waiting_demands_lists_what_a_pending_placement_group_asks_for() -> None:
+def test_waiting_work_lists_a_pending_placement_group_and_each_nodes_free_resources() -> None:
     ensure_local_ray()
-    assert _ray.waiting_demands() is not None, "Ray no longer answers ray.autoscaler.v2.sdk.get_cluster_status"
+    waiting = _ray.waiting_work()
+    assert waiting is not None, "Ray no longer answers ray.autoscaler.v2.sdk.get_cluster_status"
+    node = ray.get_runtime_context().get_node_id()
+    assert 0 <= waiting.free[node]["CPU"] <= ray.cluster_resources()["CPU"], waiting.free
     too_big = {"CPU": ray.cluster_resources()["CPU"] + 1}
     pending = placement_group([too_big])
     try:
         deadline = time.monotonic() + 20
-        while too_big not in (_ray.waiting_demands() or []):
-            assert time.monotonic() < deadline, f"a pending placement group never showed: {_ray.waiting_demands()}"
+        while too_big not in getattr(_ray.waiting_work(), "demands", []):
+            assert time.monotonic() < deadline, f"a pending placement group never showed: {_ray.waiting_work()}"
             time.sleep(0.2)
     finally:
         remove_placement_group(pending)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import ray
 
@@ -31,8 +32,16 @@ def dashboard_url() -> str | None:
     return url if "://" in url else f"http://{url}"
 
 
-def waiting_demands() -> list[Mapping[str, float]] | None:
-    """The resource bundles that tasks, actors and placement groups anywhere in the cluster are waiting for.
+@dataclass(frozen=True)
+class WaitingWork:
+    """What waits for resources in the cluster, and what each node has free for it."""
+
+    demands: list[Mapping[str, float]]  # one resource bundle per waiting task, actor or placement-group bundle
+    free: dict[str, Mapping[str, float]]  # node id (hex) -> its resources that nothing holds
+
+
+def waiting_work() -> WaitingWork | None:
+    """The resource bundles that tasks, actors and placement groups anywhere in the cluster wait for.
 
     This is what ``ray status`` shows under "Pending demands", read from the control store in a few milliseconds. None
     when Ray cannot say (a Ray Client driver, a Ray that changed the call).
@@ -44,7 +53,9 @@ def waiting_demands() -> list[Mapping[str, float]] | None:
 
         status = get_cluster_status(ray.get_runtime_context().gcs_address, timeout=5)
         waiting = [*status.resource_demands.ray_task_actor_demand, *status.resource_demands.placement_group_demand]
-        return [dict(request.bundle) for demand in waiting for request in demand.bundles_by_count]
+        demands = [dict(request.bundle) for demand in waiting for request in demand.bundles_by_count]
+        nodes = [*status.active_nodes, *status.idle_nodes]
+        return WaitingWork(demands, {node.node_id: node.available_resources() for node in nodes if node.node_id})
     except Exception:
         log.debug("Ray did not report its pending demands", exc_info=True)
         return None

@@ -2,7 +2,8 @@
 
 Keeping the actors between ``fit`` and ``test`` saves their whole start-up; holding CPUs or GPUs that other work is
 waiting for would waste more than that. So idle workers leave after ``idle_timeout`` seconds, or as soon as a task,
-actor or placement group anywhere in the cluster waits for a resource they hold, whichever comes first.
+actor or placement group anywhere in the cluster waits for resources that their release would give it, whichever
+comes first.
 """
 
 from __future__ import annotations
@@ -13,24 +14,27 @@ import time
 from collections.abc import Callable, Collection, Mapping
 
 from raylane import _ray
+from raylane.placement import fits
 
 log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 
+Resources = Mapping[str, float]
+
 
 class IdleWatch:
     """Calls ``release(reason)`` once, on its own thread, when the idle time is up or others wait for ``held``.
 
-    ``held`` names the resources whose release would help others (CPU, GPU, custom ones). It is empty when releasing
-    frees nothing for anyone: workers inside a placement group someone else owns (a Tune trial's) return their
-    resources to that group, not to the cluster.
+    ``held`` maps each node id to the resources the workers hold there (CPU, GPU, custom ones). It is empty when
+    releasing frees nothing for anyone: workers inside a placement group someone else owns (a Tune trial's) return
+    their resources to that group, not to the cluster.
     """
 
-    def __init__(self, release: Callable[[str], None], timeout_s: float, held: Collection[str]) -> None:
+    def __init__(self, release: Callable[[str], None], timeout_s: float, held: Mapping[str, Resources]) -> None:
         self._release = release
         self._timeout_s = timeout_s
-        self._held = frozenset(held)
+        self._held = {node: dict(resources) for node, resources in held.items() if resources}
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="raylane-idle-watch", daemon=True)
 
@@ -54,19 +58,31 @@ class IdleWatch:
     def _wanted_by_others(self) -> set[str]:
         if not self._held:
             return set()
-        demands = _ray.waiting_demands()
-        if demands is None:  # this driver cannot see them (Ray Client): wait out the timeout instead of asking again
-            self._held = frozenset()
+        waiting = _ray.waiting_work()
+        if waiting is None:  # this driver cannot see it (Ray Client): wait out the timeout instead of asking again
+            self._held = {}
             return set()
-        return wanted_resources(demands, self._held)
+        return helped_by_release(waiting.demands, waiting.free, self._held)
 
 
-def wanted_resources(demands: Collection[Mapping[str, float]], held: Collection[str]) -> set[str]:
-    """The held resources some waiting demand asks for. A demand counts only when everything it asks for is among
-    what is held: a GPU request gains nothing from workers that hold CPUs alone."""
+def helped_by_release(
+    demands: Collection[Resources], free: Mapping[str, Resources], held: Mapping[str, Resources]
+) -> set[str]:
+    """The resources asked for by waiting demands that the workers' release would let run.
+
+    A demand counts when it fits on no node as things stand (else it waits for something else, or only for the
+    scheduler), but fits on a node where the workers hold resources once those return to it. So CPU workers ignore a
+    GPU request, and nobody is released for a request that no node could ever hold.
+    """
     wanted: set[str] = set()
     for demand in demands:
-        asked = {name for name, amount in demand.items() if amount > 0}
-        if asked and asked <= set(held):
-            wanted |= asked
+        asked = {name: amount for name, amount in demand.items() if amount > 0}
+        if not asked or any(fits(asked, resources) for resources in free.values()):
+            continue
+        if any(fits(asked, _plus(free.get(node, {}), resources)) for node, resources in held.items()):
+            wanted |= asked.keys()
     return wanted
+
+
+def _plus(a: Resources, b: Resources) -> dict[str, float]:
+    return {name: a.get(name, 0) + b.get(name, 0) for name in a.keys() | b.keys()}

@@ -170,10 +170,11 @@ class RayLauncher:
         if timeout <= 0 or group is None or group.reservation is None:
             self.release()
             return
-        held = self._strategy.launch_options.worker_resources() if group.reservation.owned else {}
+        reservation = group.reservation
+        held = reservation.held_per_node([p.node_id for p in group.placements]) if reservation.owned else {}
         # A weak reference: a watching thread must not keep a dropped Trainer's workers alive.
         launcher = weakref.ref(self)
-        watch = IdleWatch(lambda reason: _release_if_idle(launcher, reason), timeout, held.keys())
+        watch = IdleWatch(lambda reason: _release_if_idle(launcher, reason), timeout, held)
         with self._lock:
             self._idle_watch = watch
         watch.start()

@@ -33,6 +33,15 @@ class WorkerReservation:
         if self.owned:
             release(self.placement_group)
 
+    def held_per_node(self, node_ids: Sequence[str]) -> dict[str, dict[str, float]]:
+        """What the workers' bundles hold on each node (``node_ids`` in rank order): what returns there on release."""
+        held: dict[str, dict[str, float]] = {}
+        for node_id, index in zip(node_ids, self.bundle_indices, strict=True):
+            on_node = held.setdefault(node_id, {})
+            for name, amount in self.placement_group.bundle_specs[index].items():
+                on_node[name] = on_node.get(name, 0) + amount
+        return held
+
 
 def cluster_nodes() -> list[dict[str, float]]:
     """Total resources of each alive node."""
@@ -53,9 +62,9 @@ def check_can_ever_fit(
     for name, amount in total_asked.items():
         if amount > total_cluster.get(name, 0) + 1e-9:
             raise ResourceError(f"The workers need more {name} than the whole cluster has. {summary}")
-    if any(not any(_fits(bundle, node) for node in nodes) for bundle in bundles):
+    if any(not any(fits(bundle, node) for node in nodes) for bundle in bundles):
         raise ResourceError(f"One worker's resources exceed every single node. {summary}")
-    if strategy == "STRICT_PACK" and not any(_fits(total_asked, node) for node in nodes):
+    if strategy == "STRICT_PACK" and not any(fits(total_asked, node) for node in nodes):
         raise ResourceError(f"STRICT_PACK needs all workers on one node, and no node is big enough. {summary}")
     if strategy == "STRICT_SPREAD" and len(bundles) > len(nodes):
         raise ResourceError(f"STRICT_SPREAD needs one node per worker but the cluster has {len(nodes)}. {summary}")
@@ -96,7 +105,8 @@ def release(group: PlacementGroup | None) -> None:
         log.debug("placement group %s already released", group.id, exc_info=True)
 
 
-def _fits(asked: Mapping[str, float], node: Mapping[str, float]) -> bool:
+def fits(asked: Mapping[str, float], node: Mapping[str, float]) -> bool:
+    """Whether ``node`` (a node's total or free resources) has every amount ``asked`` names."""
     return all(node.get(name, 0) + 1e-9 >= amount for name, amount in asked.items())
 
 
