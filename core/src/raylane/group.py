@@ -19,6 +19,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from raylane import culprit
 from raylane.context import WorkerContext
 from raylane.errors import WorkerError
 from raylane.heartbeat import Heartbeat
@@ -32,22 +33,8 @@ from raylane.worker import Worker
 log = logging.getLogger(__name__)
 
 RELAY_POLL_S = 0.5
-ROOT_CAUSE_GRACE_S = 3.0
-# What a rank raises when a peer died or stopped (torch.distributed, Gloo, NCCL, Horovod), as opposed to an error of
-# its own: only these wait ROOT_CAUSE_GRACE_S for a peer to report its death first.
-PEER_FAILURE_MARKERS = (
-    "DistNetworkError",
-    "DistBackendError",
-    "DistStoreError",
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
-    "HorovodInternalError",
-    "NCCL",
-    "Gloo",
-    "gloo",
-)
-
+ROOT_CAUSE_GRACE_S = 3.0  # how long the ranks of an echoing error have to report a cause of their own
+STACK_TIMEOUT_S = 5.0
 MessageHandler = Callable[[str, Any], None]
 
 
@@ -170,8 +157,8 @@ class WorkerGroup:
                 except (RayTaskError, RayActorError) as err:
                     if on_message is not None:
                         self._relay(on_message)  # what rank 0 said before the failure (e.g. its last checkpoint)
-                    rank, cause = self._root_cause(rank_of, pending, rank_of[ref], err)
-                    raise self._worker_error(rank, cause) from cause
+                    rank, cause, what = self._root_cause(rank_of, pending, rank_of[ref], err)
+                    raise self._worker_error(rank, cause, what) from (cause if isinstance(cause, Exception) else err)
             silent = heartbeat.check() if heartbeat is not None else None
             if silent is not None:
                 raise self._worker_error(
@@ -188,22 +175,37 @@ class WorkerGroup:
 
     def _root_cause(
         self, rank_of: dict[ray.ObjectRef, int], pending: list[ray.ObjectRef], rank: int, err: Exception
-    ) -> tuple[int, Exception]:
-        """When one rank dies or raises, its peers soon raise "connection closed" errors of their own. Give the other
-        ranks a moment to report, and blame the rank that died or raised an error of its own, so the error names the
-        real culprit."""
-        if isinstance(err, RayActorError) or not pending or not _looks_like_a_peer_failure(err):
-            return rank, err
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=ROOT_CAUSE_GRACE_S)
+    ) -> tuple[int, Exception | str, str | None]:
+        """When one rank dies, raises or never joins a collective, its peers soon raise errors that only echo it.
+        Give the other ranks a moment to report, and blame the real culprit: the rank that died or raised an error
+        of its own, else, when the peers timed out in a collective, the first rank still running."""
+        if isinstance(err, RayActorError) or not pending or not culprit.echoes_a_peer(str(err)):
+            return rank, err, None
+        ready, still_running = ray.wait(pending, num_returns=len(pending), timeout=ROOT_CAUSE_GRACE_S)
+        gave_up = [rank] if culprit.gave_up_waiting(str(err)) else []
         for ref in ready:
             try:
                 ray.get(ref)
             except RayActorError as death:
-                return rank_of[ref], death
+                return rank_of[ref], death, None
             except RayTaskError as own:
-                if not _looks_like_a_peer_failure(own):
-                    return rank_of[ref], own  # that rank's own error, which its peers' errors only echo
-        return rank, err
+                if not culprit.echoes_a_peer(str(own)):
+                    return rank_of[ref], own, None  # that rank's own error, which its peers' errors only echo
+                if culprit.gave_up_waiting(str(own)):
+                    gave_up.append(rank_of[ref])
+        if gave_up and still_running:
+            straggler = min(rank_of[ref] for ref in still_running)
+            report = culprit.straggler_report(
+                straggler, self.options.collective_timeout, sorted(gave_up), self._stack_of(straggler)
+            )
+            return straggler, f"{report}\n\nRank {rank}'s error:\n{err}", "never joined a collective"
+        return rank, err, None
+
+    def _stack_of(self, rank: int) -> str | None:
+        try:
+            return ray.get(self.actors[rank].stack.remote(), timeout=STACK_TIMEOUT_S) or None
+        except (RayActorError, RayTaskError, ray.exceptions.GetTimeoutError):
+            return None
 
     def _relay(self, on_message: MessageHandler) -> None:
         try:
@@ -244,8 +246,3 @@ class WorkerGroup:
         if self.reservation is not None:
             self.reservation.release()
             self.reservation = None
-
-
-def _looks_like_a_peer_failure(err: Exception) -> bool:
-    text = str(err)
-    return any(marker in text for marker in PEER_FAILURE_MARKERS)

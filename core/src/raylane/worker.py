@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
+import traceback
 from typing import Any
 
 import ray
@@ -18,6 +20,7 @@ from raylane.topology import WorkerPlacement
 
 # When this process finished importing torch, Lightning and raylane: the bulk of an actor's start-up.
 _IMPORTED_AT = time.time()
+STACK_FRAMES = 12  # the innermost frames of a stuck rank's stack: where it is, not how Lightning got there
 
 
 class Worker:
@@ -27,6 +30,7 @@ class Worker:
         self._rank = rank
         self._outbox = relay.Outbox()
         self._rendezvous: Any = None  # rank 0's torch.distributed store (see open_rendezvous)
+        self._entry_thread: int | None = None  # the thread running the current entry point (see stack)
         # Wall-clock marks of this worker's start-up, returned with each output (see WorkerOutput.marks).
         self._marks = {"imports_done": _IMPORTED_AT, "actor_ready": time.time()}
 
@@ -71,10 +75,16 @@ class Worker:
     def drain_relay(self) -> list[tuple[str, Any]]:
         return self._outbox.drain()
 
+    def stack(self) -> str:
+        """Where the running entry point is now: its thread's Python stack, for a rank its peers waited for in vain."""
+        frame = sys._current_frames().get(self._entry_thread) if self._entry_thread is not None else None
+        return "".join(traceback.format_stack(frame, limit=STACK_FRAMES)) if frame is not None else ""
+
     def run(self, context: WorkerContext, payload_ref: list[ray.ObjectRef]) -> WorkerOutput:
         """Run one entry point. The payload arrives as a nested reference so it is unpickled only after sys.path and
         the environment are ready (the user's modules may live next to the driver's script)."""
         marks = {**self._marks, "run_started": time.time()}
+        self._entry_thread = threading.get_ident()
         self._marks = {}  # the actor's own start-up counts once, for its first entry point
         os.environ.update(context.env)
         for path in reversed(context.driver_sys_path):

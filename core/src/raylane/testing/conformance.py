@@ -271,12 +271,16 @@ class FailureConformance(ConformanceBase):
         assert info.value.rank == self.workers - 1
         assert_released()
 
-    def test_stuck_collective_times_out_instead_of_hanging(self, tmp_path: Path) -> None:
+    def test_a_rank_that_never_joins_a_collective_is_named_within_collective_timeout(self, tmp_path: Path) -> None:
         model = ClassifierModel(fail_on_rank=self.workers - 1, fail_at_step=1, fail_mode="hang")
         started = time.monotonic()
-        with pytest.raises(WorkerError):
+        with pytest.raises(WorkerError) as failure:
             self.trainer(tmp_path, strategy=self.strategy(collective_timeout=5)).fit(model, make_loader(8))
         assert time.monotonic() - started < 90
+        # The error blames the rank that never joined, not the ones that waited for it, and shows where it was.
+        assert failure.value.rank == self.workers - 1, str(failure.value)
+        assert "never joined a collective" in str(failure.value)
+        assert "in training_step" in str(failure.value), str(failure.value)
         assert_released()
 
     def test_busy_resources_wait_then_fail_with_detail(self, tmp_path: Path) -> None:
