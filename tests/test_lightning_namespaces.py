@@ -61,17 +61,19 @@ def test_lightning_cli_configures_the_strategy_from_yaml(tmp_path: Path) -> None
               enable_checkpointing: false
               enable_progress_bar: false
               strategy:
-                class_path: raylane_ddp.strategy.RayDDPStrategy
+                class_path: raylane_sharded.strategy.RayShardedStrategy
                 init_args:
                   workers: 2
                   cpus_per_worker: 1
+                  engine: zero
             """
         )
     )
 
     report = run_script("cli_fit.py", "lightning.pytorch", "fit", "--config", str(config), cwd=tmp_path)
 
-    assert report["strategy_class"] == "RayDDPStrategy.for_lightning_pytorch"
+    assert report["strategy_class"] == "RayShardedStrategy.for_lightning_pytorch"
+    assert report["backend_options"] == {"engine": "zero"}, "a backend's own option, set in YAML"
     assert (report["workers"], report["world_size"], report["trained_elsewhere"]) == (2, 2.0, True)
     assert report["current_epoch"] == 2
     assert report["weights_moved"] > 0
@@ -81,10 +83,12 @@ def test_lightning_cli_configures_the_strategy_from_yaml(tmp_path: Path) -> None
 def test_lightning_cli_configures_the_strategy_from_command_line_flags(tmp_path: Path) -> None:
     flags = ["--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
     flags += ["--trainer.strategy", "raylane_ddp.strategy.RayDDPStrategy", "--trainer.strategy.workers", "2"]
+    flags += ["--trainer.strategy.static_graph", "true"]  # one of the backend's own options
 
     report = run_script("cli_fit.py", "pytorch_lightning", "fit", *flags, cwd=tmp_path)
 
     assert report["strategy_class"] == "RayDDPStrategy.for_pytorch_lightning"
+    assert report["backend_options"] == {"static_graph": True}
     assert (report["workers"], report["world_size"], report["trained_elsewhere"]) == (2, 2.0, True)
     assert report["current_epoch"] == 1
     assert report["weights_moved"] > 0

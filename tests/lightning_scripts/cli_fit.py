@@ -46,6 +46,7 @@ def main() -> None:
     report = {
         "strategy_class": type(trainer.strategy).__qualname__,
         "workers": trainer.strategy.launch_options.workers,
+        "backend_options": dict(trainer.strategy.backend_options),
         "world_size": float(trainer.callback_metrics["world_size"]),
         "trained_elsewhere": int(trainer.callback_metrics["worker_pid"]) != os.getpid(),
         "weights_moved": float((model.layer.weight.detach() - model.initial_weight).abs().sum()),

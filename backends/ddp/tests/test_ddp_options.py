@@ -56,3 +56,9 @@ def test_process_group_backend_defaults_and_choices(requested: str | None, uses_
 def test_bad_process_group_backend_fails_before_any_actor(options: dict, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         get_strategy("ddp", workers=2, **options)
+
+
+def test_a_backend_option_given_as_none_is_left_to_its_default() -> None:
+    # Configuration tools (LightningCLI) pass every option in the strategy's signature, None where the user set none.
+    assert get_strategy("ddp", workers=2, find_unused_parameters=None, bucket_cap_mb=None).backend_options == {}
+    assert get_strategy("ddp", workers=2, bucket_cap_mb=5, static_graph=None).backend_options == {"bucket_cap_mb": 5}

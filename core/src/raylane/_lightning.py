@@ -64,16 +64,36 @@ def imported_namespaces() -> list[str]:
     return [name for name in NAMESPACES if name in sys.modules]
 
 
+def calling_namespace() -> str | None:
+    """The Lightning namespace whose code is on the current call stack (the innermost), if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        module = frame.f_globals.get("__name__", "")
+        for name in NAMESPACES:
+            if module == name or module.startswith(f"{name}."):
+                return name
+        frame = frame.f_back
+    return None
+
+
 def installed_namespaces() -> list[str]:
     """The Lightning namespaces installed here (found without importing them)."""
     return [name for name in NAMESPACES if importlib.util.find_spec(name.split(".")[0]) is not None]
 
 
 def imported_namespace() -> str:
-    """The namespace this process imported; before any import, the only one installed."""
+    """The namespace this process imported; before any import, the only one installed.
+
+    With both imported, the one whose code builds the strategy decides: LightningCLI, or a Trainer resolving a
+    strategy name. (Tools can import the other behind the user's back: LightningCLI's jsonargparse runs the
+    ``if TYPE_CHECKING:`` imports of the module a class path names.)
+    """
     imported = imported_namespaces()
     if len(imported) == 1:
         return imported[0]
+    caller = calling_namespace()
+    if caller is not None:
+        return caller
     installed = installed_namespaces()
     if not imported and len(installed) == 1:
         return installed[0]
@@ -82,9 +102,9 @@ def imported_namespace() -> str:
     else:
         problem = "neither pytorch_lightning nor lightning.pytorch is imported yet, and both are installed"
     raise ConfigurationError(
-        f"raylane cannot tell which Lightning your Trainer comes from: {problem}. Import the one you train with first "
-        "(`import lightning.pytorch as pl` or `import pytorch_lightning as pl`), or pass "
-        "lightning='lightning.pytorch' or lightning='pytorch_lightning' to get_strategy."
+        f"raylane cannot tell which Lightning your Trainer comes from: {problem}. Pass "
+        "lightning='lightning.pytorch' or lightning='pytorch_lightning' to get_strategy, or import only the one you "
+        "train with (`import lightning.pytorch as pl` or `import pytorch_lightning as pl`)."
     )
 
 

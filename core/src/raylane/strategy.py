@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import types
 import typing
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,6 +33,8 @@ from raylane.options import LaunchOptions, split_options
 
 if TYPE_CHECKING:
     from raylane.context import WorkerContext
+
+log = logging.getLogger(__name__)
 
 DRIVER_CHECKPOINT_WARNING = (
     "trainer.save_checkpoint on the driver saves the weights and progress, but no optimizer or LR-scheduler state: "
@@ -142,7 +145,7 @@ class RayStrategyMixin(_lightning.LauncherSlot):
             # tools that check a class path against Lightning's Strategy (LightningCLI's jsonargparse) accept it.
             _lightning.when_imported(lambda lightning: lightning.strategies.Strategy.register(cls))
         if "__init__" in cls.__dict__:
-            _advertise_launch_options(cls.__init__)
+            _advertise_options(cls.__init__, _declared_backend_options(cls))
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Any:
         # MyStrategy(...) on the namespace-free class: the instance is of the class for the Lightning in use.
@@ -173,10 +176,14 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         return self.cluster_environment
 
     def init_ray_options(self, options: dict[str, Any]) -> dict[str, Any]:
-        """Validate ``get_strategy``-style options; keep the shared ones and return the backend's own."""
+        """Validate ``get_strategy``-style options; keep the shared ones and return the backend's own.
+
+        A backend option given as None counts as not given: that is the default configuration tools fill in.
+        """
         from raylane.registry import backend_host
 
         known = backend_host(self.backend_name).backend_options()
+        options = {name: value for name, value in options.items() if not (name in known and value is None)}
         self.launch_options, self.backend_options = split_options(options, known, self.backend_name)
         return dict(self.backend_options)
 
@@ -250,11 +257,26 @@ def _build(body: type[RayStrategyMixin], lightning: ModuleType) -> type:
     return built
 
 
-def _advertise_launch_options(init: Callable[..., None]) -> None:
-    """Show the shared launch options in the signature of a strategy's ``__init__(self, workers, **options)``.
+def _declared_backend_options(strategy: type) -> Mapping[str, str]:
+    """The backend's own options, or none when its registry entry cannot be read yet (a plugin mid-import)."""
+    from raylane.registry import backend_host
+
+    name = getattr(strategy, "backend_name", None)
+    if not name:
+        return {}
+    try:
+        return backend_host(name).backend_options()
+    except Exception:
+        log.debug("backend %r did not list its options for %s's signature", name, strategy.__name__, exc_info=True)
+        return {}
+
+
+def _advertise_options(init: Callable[..., None], backend_options: Iterable[str]) -> None:
+    """Show every option in the signature of a strategy's ``__init__(self, workers, **options)``.
 
     Tools that configure a class from its signature (LightningCLI's ``--trainer.strategy.cpus_per_worker 2``) then
-    know them; the backend's own options stay in ``**options``.
+    know them: the shared launch options with their types and defaults, and the backend's own ones with default None
+    (the backend's default).
     """
     signature = inspect.signature(init)
     named = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
@@ -273,7 +295,13 @@ def _advertise_launch_options(init: Callable[..., None]) -> None:
         for option in dataclasses.fields(LaunchOptions)
         if option.name not in present
     ]
-    init.__signature__ = signature.replace(parameters=[*named, *shared, *rest])  # type: ignore[attr-defined]
+    present |= {p.name for p in shared}
+    own = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Any)
+        for name in backend_options
+        if name not in present
+    ]
+    init.__signature__ = signature.replace(parameters=[*named, *shared, *own, *rest])  # type: ignore[attr-defined]
 
 
 def _register_virtual_subclasses(lightning: ModuleType) -> None:
