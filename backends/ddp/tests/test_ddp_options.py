@@ -62,3 +62,10 @@ def test_a_backend_option_given_as_none_is_left_to_its_default() -> None:
     # Configuration tools (LightningCLI) pass every option in the strategy's signature, None where the user set none.
     assert get_strategy("ddp", workers=2, find_unused_parameters=None, bucket_cap_mb=None).backend_options == {}
     assert get_strategy("ddp", workers=2, bucket_cap_mb=5, static_graph=None).backend_options == {"bucket_cap_mb": 5}
+
+
+def test_a_communication_hook_on_cpu_workers_warns_that_lightning_ignores_it() -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    with pytest.warns(UserWarning, match="GPU workers only"):
+        get_strategy("ddp", workers=2, ddp_comm_hook=default_hooks.fp16_compress_hook)

@@ -20,7 +20,7 @@ DDP_OPTIONS: Mapping[str, str] = {
     "gradient_as_bucket_view": "DDP: gradients are views into the allreduce buckets (saves memory)",
     "bucket_cap_mb": "DDP: allreduce bucket size in MiB",
     "broadcast_buffers": "DDP: broadcast module buffers from rank 0 every forward",
-    "ddp_comm_hook": "Lightning DDPStrategy: a DDP communication hook",
+    "ddp_comm_hook": "Lightning DDPStrategy: a DDP communication hook (GPU workers only)",
     "ddp_comm_state": "Lightning DDPStrategy: state for the communication hook",
     "ddp_comm_wrapper": "Lightning DDPStrategy: wrapper for the communication hook (e.g. fp16 compression)",
     "model_averaging_period": "Lightning DDPStrategy: period for post-local SGD model averaging",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
 from datetime import timedelta
 from typing import Any, ClassVar
 
 from raylane.errors import ConfigurationError
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_ddp import process_group_backend
+
+COMM_HOOK_OPTIONS = ("ddp_comm_hook", "ddp_comm_state", "ddp_comm_wrapper")
 
 
 class RayDDPStrategy(RayStrategyMixin, lightning_base="DDPStrategy"):
@@ -28,6 +31,13 @@ class RayDDPStrategy(RayStrategyMixin, lightning_base="DDPStrategy"):
                 f"gpus_per_worker={self.launch_options.gpus:g} puts several workers on one GPU, and NCCL refuses two "
                 "ranks on one device (measured on an H100: ncclInvalidUsage). Pass process_group_backend='gloo' to "
                 "share GPUs, or whole GPUs per worker."
+            )
+        if not self.launch_options.use_gpu and any(ddp_options.get(name) for name in COMM_HOOK_OPTIONS):
+            warnings.warn(
+                "ddp_comm_hook and ddp_comm_wrapper take effect on GPU workers only: Lightning's DDPStrategy registers "
+                "DDP communication hooks on CUDA devices alone, so these CPU workers train without them.",
+                UserWarning,
+                stacklevel=2,
             )
         super().__init__(
             cluster_environment=RayClusterEnvironment(),
