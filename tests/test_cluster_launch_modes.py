@@ -37,6 +37,7 @@ pytestmark = pytest.mark.timeout(240)
 DRIVER_SCRIPT = Path(__file__).with_name("cluster_driver.py")
 HEAD_START_TIMEOUT = 90
 DRIVER_TIMEOUT = 180
+RAY_CLIENT_START_FAILED = "Starting Ray client server failed"  # Ray's proxy lost the server it forked for a client
 # ray start picks fixed default ports for these; free ones let the head share the machine with other Ray instances.
 HEAD_PORT_OPTIONS = (
     "port",
@@ -172,7 +173,16 @@ def test_driver_on_the_head_node_connects_with_address_auto(head: Head, tmp_path
 # Before the job test: with Ray 2.60, a Ray Client connecting to this head right after that test's job saw the
 # head start its per-client server process, which exited at once without a log line (cause not found yet).
 def test_ray_client_driver_gets_checkpoints_and_logs_on_its_own_filesystem(head: Head, tmp_path: Path) -> None:
-    result = _result(_run([sys.executable, str(DRIVER_SCRIPT), head.client_address], tmp_path, head.env).stdout)
+    command = [sys.executable, str(DRIVER_SCRIPT), head.client_address]
+    try:
+        output = _run(command, tmp_path, head.env).stdout
+    except AssertionError as failure:
+        # Ray Client's proxy sometimes loses the per-client server it forks (an empty log, seen once on a loaded
+        # machine): Ray's own start-up, before any raylane code runs. A second client gets a fresh one.
+        if RAY_CLIENT_START_FAILED not in str(failure):
+            raise
+        output = _run(command, tmp_path, head.env).stdout
+    result = _result(output)
 
     assert result["ray_client"]
     _assert_trained(result, tmp_path)
