@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from raylane import _ray
 from raylane.idle import IdleWatch, helped_by_release
 from raylane.placement import fits
 from raylane.testing import ensure_local_ray
@@ -79,6 +80,11 @@ def all_cpus_taken() -> Iterator[None]:
     ensure_local_ray()
     hold = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
     ray.get(hold.ready(), timeout=30)
+    # Ray reports demands a moment late: an earlier test's cancelled task or removed group may still show as waiting.
+    deadline = time.monotonic() + 30
+    while getattr(_ray.waiting_work(), "demands", None):
+        assert time.monotonic() < deadline, f"demands from earlier tests never cleared: {_ray.waiting_work()}"
+        time.sleep(0.2)
     yield
     remove_placement_group(hold)
 
