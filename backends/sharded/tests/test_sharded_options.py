@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 
 from raylane import BackendLoadError, ConfigurationError, get_strategy
-from raylane_sharded import ENGINE_OPTIONS, ENGINES
+from raylane_sharded import DEFAULT_ENGINE, ENGINE_OPTIONS, ENGINES
 from raylane_sharded.strategy import RayShardedStrategy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -32,7 +32,12 @@ def test_every_engine_builds_a_strategy(engine: str) -> None:
     assert get_strategy("sharded", workers=2, engine=engine).engine_spec.name == engine  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("engine", ["deepspeed", "FAIRSCALE", None, 3])
+def test_engine_none_is_the_default_engine() -> None:
+    # What LightningCLI passes when the YAML names no engine.
+    assert get_strategy("sharded", workers=2, engine=None).engine_spec.name == DEFAULT_ENGINE  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("engine", ["deepspeed", "FAIRSCALE", "", 3])
 def test_unknown_engine_lists_the_valid_ones(engine: object) -> None:
     with pytest.raises(ConfigurationError, match="Unknown engine") as info:
         get_strategy("sharded", workers=2, engine=engine)
