@@ -102,7 +102,7 @@ def imported_namespace() -> str:
     else:
         problem = "neither pytorch_lightning nor lightning.pytorch is imported yet, and both are installed"
     raise ConfigurationError(
-        f"raylane cannot tell which Lightning your Trainer comes from: {problem}. Pass "
+        f"raylane cannot tell which Lightning your Trainer comes from: {problem}. To choose, pass "
         "lightning='lightning.pytorch' or lightning='pytorch_lightning' to get_strategy, or import only the one you "
         "train with (`import lightning.pytorch as pl` or `import pytorch_lightning as pl`)."
     )
