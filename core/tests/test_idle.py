@@ -80,13 +80,19 @@ def all_cpus_taken() -> Iterator[None]:
     ensure_local_ray()
     hold = placement_group([{"CPU": ray.cluster_resources()["CPU"]}])
     ray.get(hold.ready(), timeout=30)
-    # Ray reports demands a moment late: an earlier test's cancelled task or removed group may still show as waiting.
+    # Ray's report lags its state by up to a second: until it shows the CPUs taken and no demand waiting (an earlier
+    # test's cancelled task or removed group may still show), a watch would act on an old picture.
     deadline = time.monotonic() + 30
-    while getattr(_ray.waiting_work(), "demands", None):
-        assert time.monotonic() < deadline, f"demands from earlier tests never cleared: {_ray.waiting_work()}"
+    while not _reports_every_cpu_taken_and_nothing_waiting():
+        assert time.monotonic() < deadline, f"Ray's report never caught up: {_ray.waiting_work()}"
         time.sleep(0.2)
     yield
     remove_placement_group(hold)
+
+
+def _reports_every_cpu_taken_and_nothing_waiting() -> bool:
+    waiting = _ray.waiting_work()
+    return waiting is not None and not waiting.demands and all(not free.get("CPU") for free in waiting.free.values())
 
 
 def this_node_holds(resources: dict[str, float]) -> dict[str, dict[str, float]]:
