@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Collection, Mapping
 
 from raylane import _ray
-from raylane.placement import fits
+from raylane.placement import fits, summed
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +79,6 @@ def helped_by_release(
         asked = {name: amount for name, amount in demand.items() if amount > 0}
         if not asked or any(fits(asked, resources) for resources in free.values()):
             continue
-        if any(fits(asked, _plus(free.get(node, {}), resources)) for node, resources in held.items()):
+        if any(fits(asked, summed([free.get(node, {}), resources])) for node, resources in held.items()):
             wanted |= asked.keys()
     return wanted
-
-
-def _plus(a: Resources, b: Resources) -> dict[str, float]:
-    return {name: a.get(name, 0) + b.get(name, 0) for name in a.keys() | b.keys()}

@@ -35,12 +35,10 @@ class WorkerReservation:
 
     def held_per_node(self, node_ids: Sequence[str]) -> dict[str, dict[str, float]]:
         """What the workers' bundles hold on each node (``node_ids`` in rank order): what returns there on release."""
-        held: dict[str, dict[str, float]] = {}
+        bundles: dict[str, list[Mapping[str, float]]] = {}
         for node_id, index in zip(node_ids, self.bundle_indices, strict=True):
-            on_node = held.setdefault(node_id, {})
-            for name, amount in self.placement_group.bundle_specs[index].items():
-                on_node[name] = on_node.get(name, 0) + amount
-        return held
+            bundles.setdefault(node_id, []).append(self.placement_group.bundle_specs[index])
+        return {node_id: summed(on_node) for node_id, on_node in bundles.items()}
 
 
 def cluster_nodes() -> list[dict[str, float]]:
@@ -52,8 +50,8 @@ def check_can_ever_fit(
     bundles: Sequence[Mapping[str, float]], strategy: str, nodes: Sequence[Mapping[str, float]]
 ) -> None:
     """Raise :class:`ResourceError` if no amount of waiting lets this cluster place ``bundles``."""
-    total_asked = _sum(bundles)
-    total_cluster = _sum(nodes)
+    total_asked = summed(bundles)
+    total_cluster = summed(nodes)
     summary = _describe(bundles, strategy, nodes)
     missing = sorted(name for name in total_asked if total_cluster.get(name, 0) <= 0)
     if missing:
@@ -89,7 +87,7 @@ def reserve(bundles: Sequence[Mapping[str, float]], strategy: str, timeout_s: fl
             )
         log.warning(
             "raylane is waiting for %s (%s); available now: %s; giving up in %.0f s (resource_timeout).",
-            _fmt(_sum(bundles)),
+            _fmt(summed(bundles)),
             strategy,
             _fmt(ray.available_resources()),
             deadline - time.monotonic(),
@@ -110,7 +108,8 @@ def fits(asked: Mapping[str, float], node: Mapping[str, float]) -> bool:
     return all(node.get(name, 0) + 1e-9 >= amount for name, amount in asked.items())
 
 
-def _sum(resource_sets: Sequence[Mapping[str, float]]) -> dict[str, float]:
+def summed(resource_sets: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Each resource's total over ``resource_sets`` (bundles, nodes, free and held amounts)."""
     total: dict[str, float] = {}
     for resources in resource_sets:
         for name, amount in resources.items():
@@ -123,8 +122,8 @@ def _describe(bundles: Sequence[Mapping[str, float]], strategy: str, nodes: Sequ
     shown = {name for bundle in bundles for name in bundle} | {"CPU", "GPU"}
     node_list = "; ".join(_fmt({k: v for k, v in node.items() if k in shown}) for node in nodes)
     return (
-        f"Asked for {len(bundles)} worker(s) x {per_worker} (placement {strategy}), {_fmt(_sum(bundles))} in all; "
-        f"the cluster has {_fmt({k: v for k, v in _sum(nodes).items() if k in shown})} on {len(nodes)} node(s) "
+        f"Asked for {len(bundles)} worker(s) x {per_worker} (placement {strategy}), {_fmt(summed(bundles))} in all; "
+        f"the cluster has {_fmt({k: v for k, v in summed(nodes).items() if k in shown})} on {len(nodes)} node(s) "
         f"[{node_list}]."
     )
 
