@@ -83,8 +83,10 @@ def core(session: nox.Session) -> None:
 @nox.parametrize("name", BACKENDS)
 @_one_off
 def backend(session: nox.Session, name: str) -> None:
-    """One backend alone: its own tests, which include the core's conformance suite."""
-    _install_core(session, "-e", f"backends/{name}")
+    """One backend alone (with ddp, the reference its cross-backend equivalence tests compare against): its own tests,
+    which include the core's conformance suite."""
+    reference = [] if name == "ddp" else ["-e", "backends/ddp"]  # ddp is light: torch and Lightning only
+    _install_core(session, "-e", f"backends/{name}", *reference)
     if (ROOT / "backends" / name / "nox_prepare.py").is_file():  # what the backend needs beyond pip (a build)
         session.run("python", f"backends/{name}/nox_prepare.py")
     smoke = f"import pytorch_lightning, raylane; raylane.get_strategy({name!r}, workers=1)"

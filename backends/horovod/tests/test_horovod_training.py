@@ -20,10 +20,18 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from raylane import get_strategy, list_backends
-from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset, make_loader
+from raylane import get_strategy
+from raylane.testing import (
+    ClassifierModel,
+    assert_same_weights,
+    ensure_local_ray,
+    fit_one_process,
+    make_dataset,
+    make_loader,
+    validation_loader,
+)
+from raylane.testing.equivalence import QUIET, distributed_loader
 
 hvd = pytest.importorskip("horovod.torch", reason="Horovod is not installed; see backends/horovod/README.md")
 
@@ -31,7 +39,6 @@ SAMPLES = 128
 GLOBAL_BATCH = 32
 WORKERS = 2
 TOLERANCE = 1e-6
-QUIET: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
 
 
 @pytest.fixture(autouse=True)
@@ -78,31 +85,21 @@ class TwoOptimizerClassifier(ClassifierModel):
 
 
 def fit_distributed(model: pl.LightningModule, backend: str, root: Path, **flags: Any) -> dict[str, torch.Tensor]:
+    """Trained as users train: with a validation loader and Lightning's default sanity check."""
     strategy = get_strategy(backend, workers=WORKERS, idle_timeout=0)  # the next fit needs the CPUs
     trainer = pl.Trainer(strategy=strategy, default_root_dir=str(root), enable_checkpointing=False, **QUIET, **flags)
-    trainer.fit(model, DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH // WORKERS))
+    trainer.fit(model, distributed_loader(make_dataset(samples=SAMPLES), GLOBAL_BATCH, WORKERS), validation_loader())
     return model.state_dict()
 
 
 def fit_reference(model: pl.LightningModule, **flags: Any) -> dict[str, torch.Tensor]:
-    trainer = pl.Trainer(accelerator="cpu", devices=1, enable_checkpointing=False, **QUIET, **flags)
-    loader = DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH, sampler=ReferenceSampler(SAMPLES))
-    trainer.fit(model, loader)
-    return model.state_dict()
+    return fit_one_process(model, make_dataset(samples=SAMPLES), GLOBAL_BATCH, **flags)
 
 
 def copy_of(model: pl.LightningModule, factory: Any = None) -> pl.LightningModule:
     twin = (factory or type(model))()
     twin.load_state_dict(model.state_dict())
     return twin
-
-
-def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(
-            actual[name], value, atol=TOLERANCE, rtol=0, msg=lambda m, n=name: f"{what}, {n}: {m}"
-        )
 
 
 SCHEDULED_FLAGS: dict[str, Any] = {"max_epochs": 2, "gradient_clip_val": 0.05, "accumulate_grad_batches": 2}
@@ -122,23 +119,23 @@ def scheduled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, t
 
 def test_clipped_accumulated_scheduled_adam_matches_one_process(scheduled: dict[str, dict[str, Any]]) -> None:
     assert not torch.equal(scheduled["horovod"]["layer.weight"], scheduled["initial"]["layer.weight"])
-    assert_same_weights(scheduled["horovod"], scheduled["reference"], "horovod vs one process")
+    assert_same_weights(scheduled["horovod"], scheduled["reference"], atol=TOLERANCE, what="horovod vs one process")
 
 
 def test_clipped_accumulated_scheduled_adam_matches_ddp(scheduled: dict[str, dict[str, Any]], tmp_path: Path) -> None:
-    if "ddp" not in {backend.name for backend in list_backends()}:
-        pytest.skip("the ddp backend (raylane-ddp) is not installed here; `pip install -e backends/ddp` to compare")
     model = ScheduledClassifier()
     model.load_state_dict(scheduled["initial"])
     ddp = fit_distributed(model, "ddp", tmp_path, **SCHEDULED_FLAGS)
-    assert_same_weights(scheduled["horovod"], ddp, "horovod vs ddp")
+    assert_same_weights(scheduled["horovod"], ddp, atol=TOLERANCE, what="horovod vs ddp")
 
 
 def test_two_optimizers_with_schedulers_match_one_process(tmp_path: Path) -> None:
     torch.manual_seed(5)
     model = TwoOptimizerClassifier()
     reference = fit_reference(copy_of(model), max_epochs=2)
-    assert_same_weights(fit_distributed(model, "horovod", tmp_path, max_epochs=2), reference, "two optimizers")
+    assert_same_weights(
+        fit_distributed(model, "horovod", tmp_path, max_epochs=2), reference, atol=TOLERANCE, what="two optimizers"
+    )
 
 
 def test_op_sum_adds_the_workers_gradients(tmp_path: Path) -> None:
@@ -147,8 +144,8 @@ def test_op_sum_adds_the_workers_gradients(tmp_path: Path) -> None:
     reference = fit_reference(copy_of(model, lambda: ClassifierModel(lr=0.05 * WORKERS)), max_epochs=1)
     strategy = get_strategy("horovod", workers=WORKERS, op="sum", idle_timeout=0)
     trainer = pl.Trainer(strategy=strategy, default_root_dir=str(tmp_path), max_epochs=1, **QUIET)
-    trainer.fit(model, DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH // WORKERS))
-    assert_same_weights(model.state_dict(), reference, "op='sum' vs twice the learning rate")
+    trainer.fit(model, distributed_loader(make_dataset(samples=SAMPLES), GLOBAL_BATCH, WORKERS), validation_loader())
+    assert_same_weights(model.state_dict(), reference, atol=TOLERANCE, what="op='sum' vs twice the learning rate")
 
 
 class CollectivesReport(ClassifierModel):

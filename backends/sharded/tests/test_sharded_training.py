@@ -21,8 +21,9 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from raylane import get_strategy, list_backends
-from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset
+from raylane import get_strategy
+from raylane.testing import ClassifierModel, assert_same_weights, ensure_local_ray, make_dataset, validation_loader
+from raylane.testing.equivalence import QUIET, distributed_loader, one_process_trainer, reference_loader
 from raylane_sharded.optimizers import local_state_bytes
 
 pytestmark = pytest.mark.timeout(600)
@@ -34,7 +35,6 @@ EPOCHS = 4
 CLIP = 0.05  # small enough that every step is clipped
 ACCUMULATE = 2  # micro-batches per optimizer step
 TOLERANCE = 1e-6
-QUIET: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
 SAME_STEPS: dict[str, Any] = {"max_epochs": EPOCHS, "gradient_clip_val": CLIP, "accumulate_grad_batches": ACCUMULATE}
 
 
@@ -95,18 +95,18 @@ def fresh_model(weights: dict[str, torch.Tensor]) -> ScheduledClassifier:
     return model
 
 
-def distributed_loader(workers: int) -> DataLoader:
-    # Lightning gives every rank a shuffled DistributedSampler; its batches of GLOBAL_BATCH / workers make up the
-    # ReferenceSampler's batches of GLOBAL_BATCH.
-    return DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH // workers)
-
-
-def reference_loader() -> DataLoader:
-    return DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH, sampler=ReferenceSampler(SAMPLES))
+def train_loader(workers: int | None = None) -> DataLoader:
+    """A rank's loader for ``workers`` ranks, or (None) one process's loader with the union batch."""
+    dataset = make_dataset(samples=SAMPLES)
+    return (
+        reference_loader(dataset, GLOBAL_BATCH)
+        if workers is None
+        else distributed_loader(dataset, GLOBAL_BATCH, workers)
+    )
 
 
 def plain_trainer(**flags: Any) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, **SAME_STEPS, **QUIET, **flags)
+    return one_process_trainer(**SAME_STEPS, **flags)
 
 
 def ray_trainer(workers: int, engine: str, root: Path, **flags: Any) -> pl.Trainer:
@@ -123,7 +123,8 @@ def reference(initial_weights: dict[str, torch.Tensor], tmp_path_factory: pytest
     """One process, union batch, no sharding: checkpoints ``epoch=0.ckpt`` ... ``epoch=3.ckpt``."""
     directory = tmp_path_factory.mktemp("reference")
     model = fresh_model(initial_weights)
-    plain_trainer(callbacks=[every_epoch(directory)], enable_checkpointing=True).fit(model, reference_loader())
+    trainer = plain_trainer(callbacks=[every_epoch(directory)], enable_checkpointing=True)
+    trainer.fit(model, train_loader(), validation_loader())
     return directory
 
 
@@ -140,18 +141,18 @@ def sharded(
 
     model = fresh_model(initial_weights)
     trainer = ray_trainer(2, engine, two, callbacks=[every_epoch(two), ShardReport(str(two))])
-    trainer.fit(model, distributed_loader(2))
+    trainer.fit(model, train_loader(2), validation_loader())
     uninterrupted = {name: value.clone() for name, value in model.state_dict().items()}
 
     model = fresh_model(initial_weights)  # the weights must come from the checkpoint, not from this module
     paths = {2: str(one / "epoch=2.ckpt"), 3: str(one / "epoch=3.ckpt")}
     trainer = ray_trainer(1, engine, one, callbacks=[SaveAtEpochEnd(paths)], enable_checkpointing=False)
-    trainer.fit(model, distributed_loader(1), ckpt_path=str(two / "epoch=1.ckpt"))
+    trainer.fit(model, train_loader(1), validation_loader(), ckpt_path=str(two / "epoch=1.ckpt"))
     fewer_workers = {name: value.clone() for name, value in model.state_dict().items()}
 
     model = fresh_model(initial_weights)
     trainer = ray_trainer(2, engine, resumed_two, callbacks=[every_epoch(resumed_two)])
-    trainer.fit(model, distributed_loader(2), ckpt_path=paths[2])
+    trainer.fit(model, train_loader(2), validation_loader(), ckpt_path=paths[2])
     more_workers = {name: value.clone() for name, value in model.state_dict().items()}
 
     reports = [json.loads((two / f"shard-rank{rank}.json").read_text()) for rank in range(2)]
@@ -166,14 +167,6 @@ def sharded(
 
 def load(path: Path) -> dict[str, Any]:
     return torch.load(path, weights_only=False)  # type: ignore[no-any-return]
-
-
-def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
-    assert actual.keys() == expected.keys()
-    for name, value in expected.items():
-        torch.testing.assert_close(
-            actual[name], value, atol=TOLERANCE, rtol=0, msg=lambda m, n=name: f"{what}: {n}: {m}"
-        )
 
 
 def assert_same_optimizer_state(actual: dict[str, Any], expected: dict[str, Any], what: str) -> None:
@@ -218,7 +211,9 @@ def test_optimizer_state_is_sharded_across_workers(sharded: ShardedRuns, referen
 
 
 def test_same_weights_as_one_process_with_clipping_and_schedule(sharded: ShardedRuns, reference: Path) -> None:
-    assert_same_weights(sharded.uninterrupted, final_weights(reference), "2 workers, uninterrupted")
+    assert_same_weights(
+        sharded.uninterrupted, final_weights(reference), atol=TOLERANCE, what="2 workers, uninterrupted"
+    )
     saved = load(sharded.checkpoints["two_workers_epoch3"])
     assert_same_optimizer_state(
         saved["optimizer_states"][0], load(reference / "epoch=3.ckpt")["optimizer_states"][0], "2 workers, end"
@@ -226,7 +221,7 @@ def test_same_weights_as_one_process_with_clipping_and_schedule(sharded: Sharded
 
 
 def test_resume_on_fewer_workers_restores_the_optimizer(sharded: ShardedRuns, reference: Path) -> None:
-    assert_same_weights(sharded.fewer_workers, final_weights(reference), "2 -> 1 workers")
+    assert_same_weights(sharded.fewer_workers, final_weights(reference), atol=TOLERANCE, what="2 -> 1 workers")
     saved = load(sharded.checkpoints["one_worker_epoch3"])
     assert_same_optimizer_state(
         saved["optimizer_states"][0], load(reference / "epoch=3.ckpt")["optimizer_states"][0], "2 -> 1 workers"
@@ -234,7 +229,7 @@ def test_resume_on_fewer_workers_restores_the_optimizer(sharded: ShardedRuns, re
 
 
 def test_resume_on_more_workers_restores_the_optimizer(sharded: ShardedRuns, reference: Path) -> None:
-    assert_same_weights(sharded.more_workers, final_weights(reference), "1 -> 2 workers")
+    assert_same_weights(sharded.more_workers, final_weights(reference), atol=TOLERANCE, what="1 -> 2 workers")
     saved = load(sharded.checkpoints["two_again_epoch3"])
     assert_same_optimizer_state(
         saved["optimizer_states"][0], load(reference / "epoch=3.ckpt")["optimizer_states"][0], "1 -> 2 workers"
@@ -246,8 +241,10 @@ def test_checkpoint_resumes_in_a_plain_single_process_trainer(
 ) -> None:
     model = fresh_model(initial_weights)
     trainer = plain_trainer(enable_checkpointing=False)
-    trainer.fit(model, reference_loader(), ckpt_path=str(sharded.checkpoints["two_workers_epoch1"]))
-    assert_same_weights(model.state_dict(), final_weights(reference), "sharded checkpoint -> one process")
+    trainer.fit(model, train_loader(), validation_loader(), ckpt_path=str(sharded.checkpoints["two_workers_epoch1"]))
+    assert_same_weights(
+        model.state_dict(), final_weights(reference), atol=TOLERANCE, what="sharded checkpoint -> one process"
+    )
     assert_same_optimizer_state(
         trainer.optimizers[0].state_dict(),
         load(reference / "epoch=3.ckpt")["optimizer_states"][0],
@@ -257,17 +254,16 @@ def test_checkpoint_resumes_in_a_plain_single_process_trainer(
 
 @pytest.fixture(scope="module")
 def ddp_weights(initial_weights: dict[str, torch.Tensor], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if "ddp" not in {backend.name for backend in list_backends()}:
-        pytest.skip("the ddp backend (raylane-ddp) is not installed here; `pip install -e backends/ddp` to compare")
-    ensure_local_ray()
+    ensure_local_ray()  # the ddp backend is installed in this backend's nox session, to compare against
     model = fresh_model(initial_weights)
     strategy = get_strategy("ddp", workers=2, idle_timeout=0)
     root = tmp_path_factory.mktemp("ddp")
-    pl.Trainer(strategy=strategy, default_root_dir=str(root), enable_checkpointing=False, **SAME_STEPS, **QUIET).fit(
-        model, distributed_loader(2)
+    trainer = pl.Trainer(
+        strategy=strategy, default_root_dir=str(root), enable_checkpointing=False, **SAME_STEPS, **QUIET
     )
+    trainer.fit(model, train_loader(2), validation_loader())
     return {name: value.clone() for name, value in model.state_dict().items()}
 
 
 def test_same_weights_as_the_ddp_backend(sharded: ShardedRuns, ddp_weights: dict[str, torch.Tensor]) -> None:
-    assert_same_weights(sharded.uninterrupted, ddp_weights, f"sharded ({sharded.engine}) vs ddp")
+    assert_same_weights(sharded.uninterrupted, ddp_weights, atol=TOLERANCE, what=f"sharded ({sharded.engine}) vs ddp")

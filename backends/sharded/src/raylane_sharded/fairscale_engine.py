@@ -18,6 +18,20 @@ from torch.optim import Optimizer
 from raylane_sharded.optimizers import same_optimizer_kwargs
 
 
+class ModeFollowingShardedDataParallel(ShardedDataParallel):
+    """ShardedDataParallel whose train/eval mode follows the module it wraps.
+
+    ShardedDataParallel installs its gradient-reduce hooks only while its own ``training`` flag is set. Lightning's
+    evaluation loops put ``trainer.model`` (this wrapper) into eval mode but restore the train mode of the
+    LightningModule alone, so after the sanity check or any validation the wrapper stayed in eval mode and every rank
+    stepped with its local gradients: different weights from DDP and from one process.
+    """
+
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        self.training = self.module.training  # the wrapper's own flag only; its children already have theirs
+        return super().forward(*inputs, **kwargs)
+
+
 class FairScaleEngine:
     """OSS + ShardedDataParallel with the backend's options."""
 
@@ -47,7 +61,7 @@ class FairScaleEngine:
 
     def wrap_module(self, module: Module, optimizers: list[Optimizer]) -> Module:
         sharded = [optimizer for optimizer in optimizers if isinstance(optimizer, OSS)]
-        return ShardedDataParallel(
+        return ModeFollowingShardedDataParallel(
             module,
             sharded_optimizer=sharded,
             broadcast_buffers=self.broadcast_buffers,

@@ -1,6 +1,7 @@
 """Test helpers for raylane backends: the conformance suite, small models, and Ray state checks."""
 
 from raylane.testing.conformance import BackendConformance, FailureConformance, ResultsConformance
+from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
 from raylane.testing.faults import signal_worker, worker_pid
 from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader
 from raylane.testing.ray_state import assert_released, ensure_local_ray
@@ -12,9 +13,13 @@ __all__ = [
     "ReferenceSampler",
     "ResultsConformance",
     "assert_released",
+    "assert_same_weights",
     "ensure_local_ray",
+    "fit_distributed",
+    "fit_one_process",
     "make_dataset",
     "make_loader",
     "signal_worker",
+    "validation_loader",
     "worker_pid",
 ]

@@ -28,8 +28,9 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from torch.utils.data import DataLoader
 
 from raylane import ConfigurationError, ResourceError, SerializationError, WorkerError, get_strategy
+from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
 from raylane.testing.faults import signal_worker
-from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader
+from raylane.testing.models import ClassifierModel, make_dataset, make_loader
 from raylane.testing.ray_state import assert_released, ensure_local_ray
 
 
@@ -149,27 +150,17 @@ class ResultsConformance(ConformanceBase):
         assert len({r["initial_weight_sum"] for r in reports}) == 1, "every rank starts from the same weights"
 
     def test_same_weights_as_one_process_with_the_union_batch(self, tmp_path: Path) -> None:
+        # Trained as users train: a validation loader and Lightning's default sanity check (see testing.equivalence).
         for optimizer in ("sgd", "adam"):
             torch.manual_seed(7)
             distributed = ClassifierModel(optimizer=optimizer)
             single = ClassifierModel(optimizer=optimizer)
             single.load_state_dict(distributed.state_dict())
             dataset = make_dataset(samples=128)
-            self.trainer(tmp_path, max_epochs=2, enable_checkpointing=False).fit(
-                distributed, DataLoader(dataset, batch_size=16)
-            )
-            reference = pl.Trainer(
-                accelerator="cpu",
-                devices=1,
-                max_epochs=2,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                enable_checkpointing=False,
-                logger=False,
-            )
-            reference.fit(single, DataLoader(dataset, batch_size=16 * self.workers, sampler=ReferenceSampler(128)))
-            for name, value in single.state_dict().items():
-                torch.testing.assert_close(distributed.state_dict()[name], value, atol=self.weight_tolerance, rtol=0)
+            trainer = self.trainer(tmp_path, max_epochs=2, enable_checkpointing=False)
+            actual = fit_distributed(trainer, distributed, dataset, global_batch=16 * self.workers)
+            expected = fit_one_process(single, dataset, global_batch=16 * self.workers, max_epochs=2)
+            assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, {optimizer}")
 
     # -- bad input fails before any actor starts -------------------------------------------------------------------
 
@@ -311,13 +302,14 @@ class FailureConformance(ConformanceBase):
         uninterrupted.load_state_dict(interrupted.state_dict())
         every_epoch = {"callbacks": [ModelCheckpoint(save_top_k=-1, every_n_epochs=1)], "max_epochs": 4}
         trainer = self.trainer(tmp_path / "a", strategy=self.strategy(max_failures=1), **every_epoch)
-        trainer.fit(interrupted, make_loader(8))
+        trainer.fit(interrupted, make_loader(8), validation_loader())
         every_epoch["callbacks"] = [ModelCheckpoint(save_top_k=-1, every_n_epochs=1)]
-        self.trainer(tmp_path / "b", **every_epoch).fit(uninterrupted, make_loader(8))
+        self.trainer(tmp_path / "b", **every_epoch).fit(uninterrupted, make_loader(8), validation_loader())
         assert (tmp_path / "failed-once").exists(), "the failure was injected"
         assert trainer.current_epoch == 4
-        for name, value in uninterrupted.state_dict().items():
-            torch.testing.assert_close(interrupted.state_dict()[name], value, atol=self.weight_tolerance, rtol=0)
+        assert_same_weights(
+            interrupted.state_dict(), uninterrupted.state_dict(), atol=self.weight_tolerance, what="restarted fit"
+        )
         del trainer
         gc.collect()
         assert_released()
