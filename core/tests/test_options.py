@@ -188,3 +188,22 @@ def test_use_gpu_reserves_a_gpu_for_every_worker() -> None:
         assert "gpus_per_worker" in str(err)
     else:
         assert options.worker_resources().get("GPU", 0) > 0
+
+
+def test_idle_workers_serve_a_later_trainer_only_when_they_look_the_same() -> None:
+    base = LaunchOptions(workers=2, cpus_per_worker=1, idle_timeout=5, env={"A": "1"})
+    per_entry_point = LaunchOptions(
+        workers=2, heartbeat_timeout=3, collective_timeout=9, env={"B": "2"}, max_failures=1
+    )
+    assert base.same_workers(per_entry_point), "timeouts, env and restarts apply per entry point"
+    for other in (
+        LaunchOptions(workers=3),
+        LaunchOptions(workers=2, cpus_per_worker=2),
+        LaunchOptions(workers=2, resources_per_worker={"accelerator": 1}),
+        LaunchOptions(workers=2, placement_strategy="SPREAD"),
+        LaunchOptions(workers=2, runtime_env={"env_vars": {"X": "1"}}),
+        LaunchOptions(workers=2, reuse_workers=False),
+    ):
+        assert not base.same_workers(other) and not other.same_workers(base), other
+    with pytest.raises(ConfigurationError, match="reuse_workers"):
+        LaunchOptions(workers=2, reuse_workers="yes")  # type: ignore[arg-type]

@@ -24,8 +24,8 @@ def get_strategy(name: str, *, lightning: ModuleType | str | None = None, **opti
     Shared options (see :class:`raylane.options.LaunchOptions`): ``workers`` (required), ``cpus_per_worker``,
     ``use_gpu``, ``gpus_per_worker``, ``resources_per_worker``, ``placement_strategy``, ``init_hook``, ``env``,
     ``runtime_env``, ``resource_timeout``, ``collective_timeout``, ``heartbeat_timeout``, ``max_failures``,
-    ``idle_timeout``. Anything else must be one of the backend's own options; an unknown name fails with the list of
-    valid ones, before any actor starts.
+    ``idle_timeout``, ``reuse_workers``. Anything else must be one of the backend's own options; an unknown name fails
+    with the list of valid ones, before any actor starts.
 
     ``lightning`` says which Lightning the Trainer comes from (``"pytorch_lightning"`` or ``"lightning.pytorch"``, or
     the module); by default, the one this process imported.

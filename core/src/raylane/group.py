@@ -95,6 +95,13 @@ class WorkerGroup:
         self.contexts = self._contexts(self.placements, master_port)
         self._rendezvous_used = False
 
+    def serve(self, host: BackendHost, options: LaunchOptions, backend_options: Mapping[str, Any]) -> None:
+        """Serve another strategy's entry points from now on (a later Trainer of the same driver whose workers would
+        look the same, see :meth:`LaunchOptions.same_workers`): its options, timeouts, environment and backend
+        options, in fresh contexts with a fresh rendezvous."""
+        self.host, self.options, self.backend_options = host, options, dict(backend_options)
+        self._refresh_contexts()
+
     def is_alive(self) -> bool:
         """Whether every actor still answers (a warm group is only reused when it does)."""
         if not self.actors:

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
 
     from raylane.host import BackendHost
+    from raylane.options import LaunchOptions
     from raylane.strategy import RayStrategyMixin
 
 log = logging.getLogger(__name__)
@@ -134,16 +135,39 @@ class RayLauncher:
         if self._group is not None and self._group.is_alive():
             return self._group
         self.release()
-        # Warm workers never block new work: idle groups of this driver's other Trainers make room first.
-        for launcher in list(_LAUNCHERS):
-            if launcher is not self:
+        options = self._strategy.launch_options
+        others = [launcher for launcher in list(_LAUNCHERS) if launcher is not self]
+        # A later Trainer of this driver trains on an earlier one's idle workers when they look the same.
+        group = next((g for g in (other._hand_over_if_idle(host.backend, options) for other in others) if g), None)
+        if group is not None:
+            group.serve(host, options, self._strategy.backend_options)
+            rank_zero_info(f"raylane: {options.workers} idle worker(s) of an earlier Trainer run this one.")
+        else:
+            # Warm workers never block new work: idle groups of this driver's other Trainers make room first.
+            for launcher in others:
                 launcher._release_if_idle("another Trainer of this driver starts workers")
-        group = WorkerGroup(host, self._strategy.launch_options, self._strategy.backend_options)
+            group = WorkerGroup(host, options, self._strategy.backend_options)
         self._group = group
         self._finalizer = weakref.finalize(self, group.shutdown)
-        group.start()
-        _log_start(group)
+        if not group.actors:
+            group.start()
+            _log_start(group)
         return group
+
+    def _hand_over_if_idle(self, backend: str, options: LaunchOptions) -> WorkerGroup | None:
+        """This launcher's idle workers, given up to a Trainer whose workers would look the same; else None."""
+        with self._lock:  # atomic with this launcher's next entry point, as _release_if_idle
+            group = self._group
+            if self._busy or group is None or group.host.backend != backend:
+                return None
+            if not group.options.same_workers(options) or not group.is_alive():
+                return None
+            if self._idle_watch is not None:
+                self._idle_watch.cancel()
+            if self._finalizer is not None:
+                self._finalizer.detach()  # the group now belongs to the new launcher, which shuts it down
+            self._group, self._finalizer, self._idle_watch = None, None, None
+            return group
 
     def release(self) -> None:
         """Stop the warm workers and free their resources now."""

@@ -35,6 +35,7 @@ class LaunchOptions:
     heartbeat_timeout: float = 30.0
     max_failures: int = 0
     idle_timeout: float = 30.0
+    reuse_workers: bool = True
 
     def __post_init__(self) -> None:
         _check_workers(self.workers)
@@ -78,6 +79,8 @@ class LaunchOptions:
         _check_amount("collective_timeout", self.collective_timeout, allow_zero=False)
         _check_amount("heartbeat_timeout", self.heartbeat_timeout, allow_zero=False)
         _check_amount("idle_timeout", self.idle_timeout)
+        if not isinstance(self.reuse_workers, bool):
+            raise ConfigurationError(f"reuse_workers must be True or False, got {self.reuse_workers!r}.")
         if not self.worker_resources():
             raise ConfigurationError(
                 "cpus_per_worker=0 with no GPU or custom resources reserves nothing, which Ray cannot place; "
@@ -92,6 +95,19 @@ class LaunchOptions:
         if not self.use_gpu:
             return 0.0
         return 1.0 if self.gpus_per_worker is None else float(self.gpus_per_worker)
+
+    def same_workers(self, other: LaunchOptions) -> bool:
+        """Whether actors started for ``other`` are what these options would start: the same count, resources,
+        placement and runtime environment. Everything else (timeouts, ``env``, ``init_hook``) applies per entry point,
+        so idle workers of one Trainer can serve another (unless either opts out with ``reuse_workers=False``)."""
+        return (
+            self.reuse_workers
+            and other.reuse_workers
+            and self.workers == other.workers
+            and self.worker_resources() == other.worker_resources()
+            and self.placement_strategy == other.placement_strategy
+            and self.runtime_env == other.runtime_env
+        )
 
     def worker_resources(self) -> dict[str, float]:
         """One worker's reservation, in Ray's resource names (the shape of a placement-group bundle)."""

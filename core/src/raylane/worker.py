@@ -14,6 +14,7 @@ import ray
 from raylane import console, relay
 from raylane.context import WorkerContext
 from raylane.payload import LaunchPayload
+from raylane.process_state import ProcessDefaults
 from raylane.registry import backend_host
 from raylane.results import WorkerOutput, collect_output
 from raylane.topology import WorkerPlacement
@@ -31,6 +32,7 @@ class Worker:
         self._outbox = relay.Outbox()
         self._rendezvous: Any = None  # rank 0's torch.distributed store (see open_rendezvous)
         self._entry_thread: int | None = None  # the thread running the current entry point (see stack)
+        self._defaults = ProcessDefaults.capture()  # what every entry point starts from (see run)
         # Wall-clock marks of this worker's start-up, returned with each output (see WorkerOutput.marks).
         self._marks = {"imports_done": _IMPORTED_AT, "actor_ready": time.time()}
 
@@ -86,6 +88,7 @@ class Worker:
         marks = {**self._marks, "run_started": time.time()}
         self._entry_thread = threading.get_ident()
         self._marks = {}  # the actor's own start-up counts once, for its first entry point
+        self._defaults.restore()  # nothing an earlier entry point (maybe another Trainer's) changed reaches this one
         os.environ.update(context.env)
         for path in reversed(context.driver_sys_path):
             if path not in sys.path and os.path.isdir(path):

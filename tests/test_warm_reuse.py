@@ -1,0 +1,109 @@
+"""A later Trainer of the same driver trains on an earlier Trainer's idle warm workers, and nothing leaks across.
+
+Reuse is what makes a re-run notebook cell or a script that fits with one Trainer and tests with another start in
+well under a second; it is only safe when the run on reused workers is the run fresh workers would have made.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from raylane import get_strategy
+from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader, validation_loader
+from raylane.testing.equivalence import QUIET, weights_of
+from tests.conftest import read_reports
+
+pytestmark = pytest.mark.timeout(300)
+
+
+class LeavesStateBehind(ClassifierModel):
+    """Changes process-wide state in its first training step, as careless user code does."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if batch_idx == 0:
+            os.environ["RAYLANE_TEST_LEFTOVER"] = "set by an earlier run"
+            torch.set_num_threads(3)
+        return super().training_step(batch, batch_idx)
+
+
+class ReportsProcessState(ClassifierModel):
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        path = Path(self.hparams.report_dir) / f"state-rank{self.global_rank}.txt"
+        path.write_text(f"{os.environ.get('RAYLANE_TEST_LEFTOVER')}|{torch.get_num_threads()}")
+
+
+@pytest.fixture(autouse=True)
+def _ray() -> None:
+    ensure_local_ray()
+    gc.collect()  # earlier tests' Trainers release their warm workers
+
+
+def trainer(root: Path, **options: Any) -> pl.Trainer:
+    strategy = get_strategy("ddp", workers=2, idle_timeout=120, **options)
+    return pl.Trainer(strategy=strategy, max_epochs=1, default_root_dir=str(root), **QUIET)
+
+
+def fit_pids(model: ClassifierModel, root: Path, **options: Any) -> tuple[pl.Trainer, list[int]]:
+    fitted = trainer(root, **options)
+    fitted.fit(model, make_loader(8), validation_loader())
+    return fitted, [report["pid"] for report in read_reports(Path(model.hparams.report_dir))]
+
+
+def test_a_later_trainer_runs_on_the_idle_workers_with_the_results_of_fresh_ones(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    initial = ClassifierModel().state_dict()
+    runs = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        model = ClassifierModel(report_dir=str(tmp_path / name))
+        model.load_state_dict(initial)
+        fitted, pids = fit_pids(model, tmp_path / name)
+        runs.append((fitted, pids, weights_of(model)))
+    (first, first_pids, first_weights), (second, second_pids, second_weights) = runs
+    assert second_pids == first_pids, "the second Trainer trains on the first one's idle workers"
+    for name, value in first_weights.items():
+        torch.testing.assert_close(second_weights[name], value, atol=0, rtol=0)
+    second.strategy.release_workers()  # type: ignore[attr-defined]
+    assert_released()  # with the first Trainer still alive: it gave its workers up
+    del first
+
+
+def test_what_an_earlier_run_changed_in_the_process_does_not_reach_the_next(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, first_pids = fit_pids(LeavesStateBehind(report_dir=str(tmp_path / "a")), tmp_path / "a")
+    second, second_pids = fit_pids(ReportsProcessState(report_dir=str(tmp_path / "b")), tmp_path / "b")
+    assert second_pids == first_pids
+    states = [path.read_text().split("|") for path in sorted((tmp_path / "b").glob("state-rank*.txt"))]
+    assert len(states) == 2, "both ranks reported"
+    assert [leftover for leftover, _ in states] == ["None", "None"], "the environment variable it set is gone"
+    assert "3" not in [threads for _, threads in states], "torch's thread count is the worker's own again"
+    second.strategy.release_workers()  # type: ignore[attr-defined]
+    assert_released()
+    del first
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"cpus_per_worker": 0.5}, {"reuse_workers": False}],
+    ids=["other-resources", "opted-out"],
+)
+def test_workers_of_another_shape_or_an_opt_out_are_not_reused_and_do_not_linger(
+    tmp_path: Path, options: dict[str, Any]
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, first_pids = fit_pids(ClassifierModel(report_dir=str(tmp_path / "a")), tmp_path / "a")
+    second, second_pids = fit_pids(ClassifierModel(report_dir=str(tmp_path / "b")), tmp_path / "b", **options)
+    assert not set(second_pids) & set(first_pids), "fresh workers"
+    second.strategy.release_workers()  # type: ignore[attr-defined]
+    assert_released()  # with the first Trainer still alive: its idle workers made room for the second's
+    del first
