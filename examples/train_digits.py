@@ -7,6 +7,7 @@ warm; after ``fit`` the model in this process holds the trained weights, which i
 trained.
 """
 
+# ci-session: integration  (where `nox` runs this example with --smoke; see noxfile.py)
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=10, help="training epochs (default: 10)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size per worker (default: 64)")
     parser.add_argument("--seed", type=int, default=0, help="seed for the split and the initial weights")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="one epoch: a quick check that it runs (CI)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

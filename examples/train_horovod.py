@@ -7,6 +7,7 @@ Needs Horovod, which raylane-horovod builds for the installed torch (``python -m
 worker's predictions to this process in dataset order, so they line up with the labels here.
 """
 
+# ci-session: backend:horovod  (where `nox` runs this example with --smoke; see noxfile.py)
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compression", choices=("none", "fp16"), default="none", help="gradients on the wire (default: none)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="one epoch: a quick check that it runs (CI)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

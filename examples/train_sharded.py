@@ -7,6 +7,7 @@ the run writes is an ordinary Lightning checkpoint: rank 0 gathers the shards in
 raylane and on any number of workers.
 """
 
+# ci-session: integration  (where `nox` runs this example with --smoke; see noxfile.py)
 from __future__ import annotations
 
 import argparse
@@ -27,7 +28,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--engine", choices=("fairscale", "zero"), default="fairscale", help="sharding engine (default: fairscale)"
     )
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="one epoch: a quick check that it runs (CI)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> None:

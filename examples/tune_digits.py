@@ -8,6 +8,7 @@ so Tune starts a trial only when all its workers fit and the other trials wait i
 checkpoints reach Tune through the report callback, so the ASHA scheduler can stop poor trials early.
 """
 
+# ci-session: tune  (where `nox` runs this example with --smoke; see noxfile.py)
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2, help="raylane workers per trial; 0 trains in the trial")
     parser.add_argument("--epochs", type=int, default=6, help="most training epochs per trial (default: 6)")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="one trial of one epoch: a quick check that it runs (CI)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.epochs = 1
+    return args
 
 
 def train_trial(config: dict[str, Any], workers: int, epochs: int) -> None:
@@ -57,9 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         trainable = tune.with_resources(trainable, get_tune_resources("ddp", workers=args.workers))
     tuner = tune.Tuner(
         trainable,
-        param_space=SEARCH_SPACE,
+        param_space={"lr": 1e-2, "hidden": 32} if args.smoke else SEARCH_SPACE,  # a smoke run: one trial
         tune_config=tune.TuneConfig(
-            metric="accuracy", mode="max", scheduler=ASHAScheduler(max_t=args.epochs, grace_period=2)
+            metric="accuracy", mode="max", scheduler=ASHAScheduler(max_t=args.epochs, grace_period=min(2, args.epochs))
         ),
     )
     best = tuner.fit().get_best_result()

@@ -2,6 +2,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from raylane.testing.s3 import s3_server  # noqa: F401  (the fixture: a real S3-compatible server)
+
 
 def read_reports(directory: Path, stage: str = "fit") -> list[dict[str, Any]]:
     """The per-rank JSON reports ClassifierModel(report_dir=...) wrote, in rank order."""

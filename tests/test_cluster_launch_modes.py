@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from raylane.testing import env_without_ray_address, free_port
 from tests.cluster_driver import RESULT_PREFIX
 
 pytestmark = pytest.mark.timeout(240)
@@ -61,12 +62,6 @@ class Head:
     env: dict[str, str]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
@@ -95,10 +90,10 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
-    ports = {option: _free_port() for option in HEAD_PORT_OPTIONS}
+    ports = {option: free_port() for option in HEAD_PORT_OPTIONS}
     cwd = tmp_path_factory.mktemp("head")
     temp_dir = tempfile.mkdtemp(prefix="rlh", dir="/tmp")  # short: Ray's socket paths live under it
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     env["RAY_AUTH_MODE"] = "disabled"
     ray_cli = Path(sys.executable).with_name("ray")
     command = [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "4"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -10,13 +12,18 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from raylane import ConfigurationError
+from raylane import ConfigurationError, WorkerError, get_strategy
 from raylane.compat import HorovodRayStrategy, MigrationWarning, RayShardedStrategy, RayStrategy
 from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader
 
 
 def _hook() -> None:
-    """An init_hook (module level, so workers can import it)."""
+    """An init_hook that does nothing (module level, so workers can import it)."""
+
+
+def mark_worker(directory: str) -> None:
+    """An init_hook that leaves this worker's pid in ``directory``."""
+    (Path(directory) / f"init-{os.getpid()}").touch()
 
 
 @pytest.mark.timeout(240)
@@ -26,8 +33,11 @@ def test_a_shim_with_two_workers_trains_like_ray_lightning(shim: Any, tmp_path: 
     torch.manual_seed(0)
     model = ClassifierModel()
     initial = model.layer.weight.detach().clone()
+    hooked = tmp_path / "hooked"
+    hooked.mkdir()
+    init_hook = functools.partial(mark_worker, str(hooked))
     trainer = pl.Trainer(
-        strategy=shim(num_workers=2, num_cpus_per_worker=1, use_gpu=False, init_hook=_hook),
+        strategy=shim(num_workers=2, num_cpus_per_worker=1, use_gpu=False, init_hook=init_hook),
         max_epochs=2,
         default_root_dir=str(tmp_path),
         enable_progress_bar=False,
@@ -38,6 +48,7 @@ def test_a_shim_with_two_workers_trains_like_ray_lightning(shim: Any, tmp_path: 
     assert trainer.state.finished and trainer.current_epoch == 2
     assert trainer.global_step == 8, "64 samples in batches of 8 over 2 workers: 4 steps per epoch"
     assert not torch.equal(initial, model.layer.weight)
+    assert len(list(hooked.iterdir())) == 2, "init_hook runs once on each of the 2 workers"
     saved = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=False)["state_dict"]
     torch.testing.assert_close(saved["layer.weight"], model.layer.weight)
     trainer.strategy.release_workers()  # warm for a next entry point until then
@@ -85,7 +96,8 @@ def test_ray_strategy_arguments_become_the_same_ray_reservation(
     assert arguments == given, "ray_lightning popped keys out of the caller's dict; raylane leaves it alone"
 
 
-def test_ddp_kwargs_reach_the_ddp_backend_and_init_hook_the_workers() -> None:
+def test_ddp_kwargs_become_ddp_backend_options_and_init_hook_a_launch_option() -> None:
+    # That the hook then runs on every worker: test_a_shim_with_two_workers_trains_like_ray_lightning.
     strategy = RayStrategy(num_workers=2, init_hook=_hook, find_unused_parameters=True, bucket_cap_mb=5)
     assert strategy.backend_options == {"find_unused_parameters": True, "bucket_cap_mb": 5}
     assert strategy.launch_options.init_hook is _hook
@@ -149,8 +161,46 @@ def test_horovod_strategy_needs_num_workers_like_ray_lightning() -> None:
         HorovodRayStrategy()  # type: ignore[call-arg]
 
 
-def test_horovod_strategy_arguments() -> None:
-    pytest.importorskip("horovod.torch", reason="Horovod is built by the horovod nox session only")
-    strategy = HorovodRayStrategy(2, 3, False)
-    assert strategy.backend_name == "horovod"
-    assert _launch(strategy) == {"workers": 2, "cpus": 3, "gpus": 0, "custom": {}}
+# HorovodRayStrategy's arguments on a built Horovod: backends/horovod/tests/test_horovod_ray_lightning_compat.py, in
+# the horovod session, which builds Horovod (the integration session does not, to stay lean).
+
+
+def test_ray_lightning_attributes_are_read_only_views_of_the_launch_options() -> None:
+    strategy = RayStrategy(num_workers=3, num_cpus_per_worker=2, use_gpu=True)
+    seen = (strategy.num_workers, strategy.num_cpus_per_worker, strategy.num_gpus_per_worker, strategy.use_gpu)
+    assert seen == (3, 2, 1.0, True)
+    sharded = RayShardedStrategy(num_workers=2, resources_per_worker={"CPU": 2, "GPU": 0.5}, engine="zero")
+    assert (sharded.num_workers, sharded.num_cpus_per_worker, sharded.num_gpus_per_worker) == (2, 2, 0.5)
+    native = get_strategy("ddp", workers=2)  # raylane's own strategies have the same names
+    assert (native.num_workers, native.num_cpus_per_worker, native.num_gpus_per_worker, native.use_gpu) == (
+        2,
+        1,
+        0,
+        False,
+    )
+    with pytest.raises(AttributeError):
+        strategy.num_workers = 4  # a view: change the options when building the strategy instead
+
+
+class RaisesValueError(ClassifierModel):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        if self.global_rank == 1:
+            raise ValueError("a bad batch on rank 1")
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.timeout(240)
+def test_a_workers_exception_is_caught_by_its_own_class_as_under_ray_lightning(tmp_path: Path) -> None:
+    ensure_local_ray()
+    trainer = pl.Trainer(
+        strategy=RayStrategy(num_workers=2, idle_timeout=0),
+        max_epochs=1,
+        default_root_dir=str(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(ValueError, match="a bad batch on rank 1") as info:
+        trainer.fit(RaisesValueError(), make_loader(8))
+    assert isinstance(info.value, WorkerError) and info.value.worker_exception_class is ValueError
+    assert info.value.rank == 1 and "in training_step" in str(info.value), "the worker's traceback"
+    assert_released()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -13,10 +12,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from raylane import get_strategy
-from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
+from raylane.testing import ClassifierModel, ensure_local_ray, env_without_ray_address, make_loader, quiet_trainer
 
 
 @pytest.mark.timeout(240)
@@ -45,7 +45,7 @@ def test_one_progress_bar_and_rank_prefixed_warnings_on_the_driver(tmp_path: Pat
             """
         )
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200
     )
@@ -54,7 +54,8 @@ def test_one_progress_bar_and_rank_prefixed_warnings_on_the_driver(tmp_path: Pat
     assert "Epoch 1: 100%" in out, out[-2000:]  # rank 0's Lightning progress bar, drawn on the driver
     assert "hello from rank 0" in out and "(raylane rank 0" not in out  # rank 0's prints arrive unprefixed
     rank1_lines = [line for line in out.splitlines() if "hello from rank 1" in line]
-    assert all("raylane rank 1" in line for line in rank1_lines), rank1_lines  # other ranks' prints carry their rank
+    # Other ranks' prints reach the driver through Ray's log streaming, carrying their rank.
+    assert rank1_lines and all("raylane rank 1" in line for line in rank1_lines), out[-3000:]
     everything = out + result.stderr
     warning_lines = [line for line in everything.splitlines() if "careful on rank 1" in line]
     assert warning_lines and all("raylane rank 1" in line for line in warning_lines), warning_lines
@@ -87,14 +88,7 @@ def test_start_up_line_names_backend_placement_and_dashboard(
     # Ray reads this override before anything else when asked for the dashboard's address.
     monkeypatch.setenv("RAY_OVERRIDE_DASHBOARD_URL", "http://dashboard.example:8265")
     caplog.set_level(logging.INFO)
-    trainer = pl.Trainer(
-        strategy=get_strategy("ddp", workers=2),
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, enable_checkpointing=False)
     trainer.fit(ClassifierModel(), make_loader(8))
     lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("raylane: ddp")]
     assert len(lines) == 1, lines  # one line per start of the workers
@@ -128,7 +122,7 @@ def test_ray_started_in_the_background_serves_the_first_fit(tmp_path: Path) -> N
             """
         )
     )
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     result = subprocess.run(
         [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=220
     )
@@ -158,3 +152,61 @@ def test_a_driver_checkpoint_after_fit_says_it_holds_no_optimizer_state(tmp_path
         warnings.simplefilter("error")
         trainer.save_checkpoint(tmp_path / "weights.ckpt", weights_only=True)
     assert torch.equal(torch.load(tmp_path / "weights.ckpt")["state_dict"]["layer.weight"], model.layer.weight)
+
+
+@pytest.mark.timeout(180)
+def test_logged_metrics_and_the_best_checkpoint_score_come_back(tmp_path: Path) -> None:
+    ensure_local_ray()
+    best = ModelCheckpoint(dirpath=str(tmp_path / "checkpoints"), monitor="val_loss", mode="min")
+    trainer = quiet_trainer(strategy=get_strategy("ddp", workers=2, idle_timeout=0), max_epochs=3, callbacks=[best])
+    trainer.fit(ClassifierModel(), make_loader(8), make_loader(8))
+    assert {"train_loss", "val_loss"} <= set(trainer.logged_metrics), trainer.logged_metrics
+    assert trainer.checkpoint_callback is best
+    assert best.best_model_score is not None, "the best score the workers' callback found must come back"
+    # The best of 3 validations: no worse than the last one, and the score stored in the best checkpoint itself.
+    assert float(best.best_model_score) <= float(trainer.callback_metrics["val_loss"]) + 1e-6
+    saved = torch.load(best.best_model_path, weights_only=False)["callbacks"]
+    [state] = [value for key, value in saved.items() if key.startswith("ModelCheckpoint")]
+    assert float(state["best_model_score"]) == pytest.approx(float(best.best_model_score))
+    assert set(best.best_k_models) == {best.best_model_path}
+
+
+PRELOAD_SCRIPT = """
+import sys
+
+import ray
+import raylane
+from raylane.local_ray import ensure_ray
+
+raylane.start_ray_in_background(num_cpus=2, preload=PRELOAD)
+ensure_ray(1)  # what the first fit does: wait for the background start
+
+
+@ray.remote
+def imported_in_a_ray_worker():  # imports nothing itself
+    return sorted(name for name in ("torch", "pytorch_lightning", "raylane.worker") if name in sys.modules)
+
+
+print("IMPORTED", ray.get(imported_in_a_ray_worker.remote()))
+job = ray.get_runtime_context().get_job_id()
+raylane.start_ray_in_background(num_cpus=1)  # Ray runs now: nothing happens
+ensure_ray(1)
+print("SAME RAY", ray.get_runtime_context().get_job_id() == job and ray.cluster_resources()["CPU"] == 2)
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("preload", [True, False])
+def test_start_ray_in_background_preloads_worker_imports_and_leaves_a_running_ray_alone(
+    preload: bool, tmp_path: Path
+) -> None:
+    script = tmp_path / "start.py"
+    script.write_text(PRELOAD_SCRIPT.replace("PRELOAD", str(preload)))
+    env = env_without_ray_address()
+    done = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=200
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = ["pytorch_lightning", "raylane.worker", "torch"] if preload else []
+    assert f"IMPORTED {expected}" in done.stdout, done.stdout[-2000:]
+    assert "SAME RAY True" in done.stdout, done.stdout[-2000:]

@@ -94,6 +94,18 @@ def test_lightning_cli_configures_the_strategy_from_command_line_flags(tmp_path:
     assert report["weights_moved"] > 0
 
 
+@pytest.mark.timeout(300)
+def test_lightning_cli_takes_ray_lightnings_strategy_by_class_path(tmp_path: Path) -> None:
+    """ray_lightning's CLI form: raylane.compat's names are classes (construction returns the raylane strategy)."""
+    flags = ["--trainer.max_epochs", "1", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
+    flags += ["--trainer.strategy", "raylane.compat.RayStrategy", "--trainer.strategy.num_workers", "2"]
+
+    report = run_script("cli_fit.py", "pytorch_lightning", "fit", *flags, cwd=tmp_path)
+
+    assert report["strategy_class"] == "RayDDPStrategy.for_pytorch_lightning"
+    assert (report["workers"], report["world_size"], report["trained_elsewhere"]) == (2, 2.0, True)
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_backends_registry_and_ambiguity_as_a_process_importing_one_namespace_sees_them(

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import ray
 import torch
 from ray.cluster_utils import Cluster
@@ -15,7 +14,7 @@ from raylane import get_strategy
 from raylane.group import WorkerGroup
 from raylane.options import LaunchOptions
 from raylane.registry import backend_host
-from raylane.testing import ClassifierModel, assert_released, make_loader
+from raylane.testing import ClassifierModel, assert_released, make_loader, quiet_trainer
 from tests.conftest import read_reports
 
 pytestmark = pytest.mark.timeout(300)
@@ -37,13 +36,8 @@ def cluster() -> Iterator[Cluster]:
 
 def test_ranks_follow_nodes_with_uneven_workers_per_node(cluster: Cluster, tmp_path: Path) -> None:
     model = ClassifierModel(report_dir=str(tmp_path), report_env=("MASTER_ADDR", "LOCAL_WORLD_SIZE", "NODE_RANK"))
-    trainer = pl.Trainer(
-        strategy=get_strategy("ddp", workers=3, placement_strategy="PACK"),
-        max_epochs=1,
-        default_root_dir=str(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
+    trainer = quiet_trainer(
+        strategy=get_strategy("ddp", workers=3, placement_strategy="PACK"), max_epochs=1, default_root_dir=str(tmp_path)
     )
     trainer.fit(model, make_loader(8, samples=48))
 

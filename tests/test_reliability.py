@@ -21,17 +21,14 @@ import ray
 from ray.cluster_utils import Cluster
 
 from raylane import WorkerError, get_strategy
-from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader
+from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader, quiet_trainer
 from raylane.testing.ray_state import listening_tcp_ports, live_raylane_actors, live_raylane_placement_groups
 
 
 def _trainer(root: Path, **flags: object) -> pl.Trainer:
-    return pl.Trainer(
+    return quiet_trainer(
         strategy=get_strategy("ddp", workers=2),
         default_root_dir=str(root),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
         **{"max_epochs": 1, "enable_checkpointing": False, **flags},
     )
 
@@ -184,22 +181,16 @@ def test_an_idle_trainer_never_blocks_the_next_one(tmp_path: Path) -> None:
     """The first Trainer keeps its warm workers (all the CPUs); a second one must not wait for them."""
     ensure_local_ray()
     cpus = int(ray.cluster_resources()["CPU"])
-    first = pl.Trainer(
+    first = quiet_trainer(
         strategy=get_strategy("ddp", workers=2, cpus_per_worker=cpus // 2, idle_timeout=60),
         max_epochs=1,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     first.fit(ClassifierModel(), make_loader(8))
-    second = pl.Trainer(
+    second = quiet_trainer(
         strategy=get_strategy("ddp", workers=2, cpus_per_worker=cpus // 2, resource_timeout=20),
         max_epochs=1,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     second.fit(ClassifierModel(), make_loader(8))  # would raise ResourceError after 20 s if first still held them
     first.test(ClassifierModel(), make_loader(8))  # and the first Trainer still works: it starts workers again

@@ -8,7 +8,7 @@ import pytest
 import pytorch_lightning as pl
 
 from raylane import list_backends
-from raylane.testing import BackendConformance, ClassifierModel, make_loader
+from raylane.testing import BackendConformance, ClassifierModel, make_loader, quiet_trainer
 from raylane.testing.ray_state import ensure_local_ray
 
 
@@ -27,13 +27,8 @@ def _fit(tmp_path: Path, model: ClassifierModel, **options: object) -> pl.Traine
     from raylane import get_strategy
 
     ensure_local_ray()
-    trainer = pl.Trainer(
-        strategy=get_strategy("echo", workers=2, **options),
-        max_epochs=3,
-        default_root_dir=str(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
+    trainer = quiet_trainer(
+        strategy=get_strategy("echo", workers=2, **options), max_epochs=3, default_root_dir=str(tmp_path)
     )
     trainer.fit(model, make_loader(8))
     return trainer

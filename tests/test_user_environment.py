@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 import pytorch_lightning as pl
 
 from raylane import get_strategy
-from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
+from raylane.testing import ClassifierModel, ensure_local_ray, env_without_ray_address, make_loader, quiet_trainer
 from tests.conftest import read_reports
 
 
@@ -52,7 +54,7 @@ def test_script_with_a_local_module_trains_from_another_directory(tmp_path: Path
     )
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = env_without_ray_address()
     result = subprocess.run(
         [sys.executable, str(project / "train.py")], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=200
     )
@@ -83,16 +85,11 @@ def test_only_allow_listed_driver_env_and_user_env_reach_workers(
         env={"USER_GIVEN": "yes"},
         runtime_env={"env_vars": {"FROM_RUNTIME_ENV": "also"}},
     )
-    trainer = pl.Trainer(
-        strategy=strategy,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, enable_checkpointing=False)
     trainer.fit(ClassifierModel(report_dir=str(tmp_path), report_env=names), make_loader(8))
-    for report in read_reports(tmp_path):
+    reports = read_reports(tmp_path)
+    assert [report["global_rank"] for report in reports] == [0, 1], "every worker must report what it saw"
+    for report in reports:
         assert report["env"] == {
             "NCCL_DEBUG": "INFO",
             "PL_GLOBAL_SEED": "123",
@@ -101,3 +98,62 @@ def test_only_allow_listed_driver_env_and_user_env_reach_workers(
             "USER_GIVEN": "yes",
             "FROM_RUNTIME_ENV": "also",
         }
+
+
+def _quiet_trainer(strategy: object, **overrides: object) -> pl.Trainer:
+    return quiet_trainer(strategy=strategy, **{"max_epochs": 1, "enable_checkpointing": False, **overrides})
+
+
+def mark_worker(directory: str) -> None:
+    """An init_hook (module level, so the workers import it by name): leaves this worker's pid in ``directory``."""
+    (Path(directory) / f"init-{os.getpid()}").touch()
+
+
+@pytest.mark.timeout(180)
+def test_init_hook_runs_once_on_every_worker_before_training(tmp_path: Path) -> None:
+    ensure_local_ray()
+    hook_dir, report_dir = tmp_path / "hooks", tmp_path / "reports"
+    hook_dir.mkdir()
+    report_dir.mkdir()
+    strategy = get_strategy("ddp", workers=2, init_hook=functools.partial(mark_worker, str(hook_dir)), idle_timeout=0)
+    _quiet_trainer(strategy).fit(ClassifierModel(report_dir=str(report_dir)), make_loader(8))
+    training_pids = sorted(report["pid"] for report in read_reports(report_dir))
+    hooked_pids = sorted(int(path.name.removeprefix("init-")) for path in hook_dir.iterdir())
+    assert len(set(training_pids)) == 2, training_pids
+    assert hooked_pids == training_pids, "init_hook must run exactly once in each worker process that trains"
+
+
+SHIPPED_MODULE = """
+import os
+from pathlib import Path
+
+(Path(os.environ["SHIPPED_MARKS"]) / f"imported-{os.getpid()}").touch()
+"""
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["working_dir", "py_modules"])
+def test_runtime_env_ships_code_the_driver_does_not_have_to_the_workers(how: str, tmp_path: Path) -> None:
+    """A package that exists only in the shipped folder imports on every worker of a local Ray (here, in init_hook)."""
+    ensure_local_ray()
+    name = f"raylane_shipped_{how}"
+    shipped = tmp_path / "project"
+    (shipped / name).mkdir(parents=True)
+    (shipped / name / "__init__.py").write_text(SHIPPED_MODULE)
+    marks, report_dir = tmp_path / "marks", tmp_path / "reports"
+    marks.mkdir()
+    report_dir.mkdir()
+    runtime_env = {"working_dir": str(shipped)} if how == "working_dir" else {"py_modules": [str(shipped / name)]}
+    strategy = get_strategy(
+        "ddp",
+        workers=2,
+        runtime_env=runtime_env,
+        env={"SHIPPED_MARKS": str(marks)},
+        init_hook=functools.partial(importlib.import_module, name),
+        idle_timeout=0,
+    )
+    with pytest.raises(ImportError):
+        importlib.import_module(name)  # the driver itself cannot import it: only the shipped copy can
+    _quiet_trainer(strategy).fit(ClassifierModel(report_dir=str(report_dir)), make_loader(8))
+    training_pids = sorted(report["pid"] for report in read_reports(report_dir))
+    assert sorted(int(path.name.removeprefix("imported-")) for path in marks.iterdir()) == training_pids

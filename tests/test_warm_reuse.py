@@ -16,8 +16,8 @@ import pytorch_lightning as pl
 import torch
 
 from raylane import get_strategy
-from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader, validation_loader
-from raylane.testing.equivalence import QUIET, weights_of
+from raylane.testing import QUIET, ClassifierModel, assert_released, ensure_local_ray, make_loader, validation_loader
+from raylane.testing.equivalence import weights_of
 from tests.conftest import read_reports
 
 pytestmark = pytest.mark.timeout(300)

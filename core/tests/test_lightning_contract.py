@@ -74,3 +74,13 @@ def test_predict_records_the_sample_indices_of_each_batch(lightning: ModuleType)
     trainer.predict(Predictor(), DataLoader(TensorDataset(torch.randn(5, 2)), batch_size=2))
     assert _lightning.predict_batch_indices(trainer) == [[[0, 1], [2, 3], [4]]]
     assert _lightning.namespace_of(trainer) is lightning
+
+
+@pytest.mark.parametrize("entry_point", ["_fit_impl", "_validate_impl", "_test_impl", "_predict_impl"])
+def test_entry_points_take_ckpt_path_by_that_name(lightning: ModuleType, entry_point: str) -> None:
+    """raylane reads ckpt_path (remote storage checks) and replaces it (restarts) by name in these functions."""
+    trainer = lightning.Trainer(accelerator="cpu", logger=False)
+    function = getattr(trainer, entry_point)
+    assert "ckpt_path" in inspect.signature(function).parameters
+    assert _lightning.ckpt_path_of(function, (None,), {"ckpt_path": "s3://bucket/last.ckpt"}) == "s3://bucket/last.ckpt"
+    assert _lightning.ckpt_path_of(function, (None,), {}) is None

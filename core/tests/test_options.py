@@ -165,17 +165,20 @@ def test_worker_resources_hold_exactly_the_positive_amounts(
 def test_every_valid_option_set_gives_a_placement_group_ray_accepts(
     cpus: float, use_gpu: bool, gpus: float | None, resources: dict[str, float], strategy: str
 ) -> None:
-    try:
-        options = LaunchOptions(
-            workers=2,
-            cpus_per_worker=cpus,
-            use_gpu=use_gpu,
-            gpus_per_worker=gpus if use_gpu else None,
-            resources_per_worker=resources,
-            placement_strategy=strategy,
-        )
-    except ConfigurationError:
-        return  # rejected up front, with a message: fine
+    arguments = {
+        "workers": 2,
+        "cpus_per_worker": cpus,
+        "use_gpu": use_gpu,
+        "gpus_per_worker": gpus if use_gpu else None,
+        "resources_per_worker": resources,
+        "placement_strategy": strategy,
+    }
+    # In this space the one invalid set is a worker that reserves nothing, which Ray cannot place.
+    if cpus == 0 and not use_gpu and not any(resources.values()):
+        with pytest.raises(ConfigurationError, match=r"reserves nothing.*give cpus_per_worker > 0"):
+            LaunchOptions(**arguments)
+        return
+    options = LaunchOptions(**arguments)
     # Ray's own validation of placement_group(...) arguments; it needs no running Ray.
     validate_placement_group([options.worker_resources()] * options.workers, strategy=options.placement_strategy)
 

@@ -9,6 +9,8 @@ import ray
 import trial_functions
 from ray import cloudpickle
 
+from raylane.testing.s3 import s3_server  # noqa: F401  (the fixture: a real S3-compatible server)
+
 CPUS = 4
 
 

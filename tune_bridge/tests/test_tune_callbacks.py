@@ -11,7 +11,7 @@ import pytest
 import pytorch_lightning as pl
 
 from raylane import ConfigurationError, get_strategy
-from raylane.testing import ClassifierModel, assert_released, make_loader
+from raylane.testing import ClassifierModel, assert_released, make_loader, quiet_trainer
 from raylane_tune import NotInTuneWarning, TuneReportCallback, TuneReportCheckpointCallback
 from raylane_tune.callbacks import REPORT_HOOKS
 
@@ -19,15 +19,8 @@ CALLBACKS = [TuneReportCallback, TuneReportCheckpointCallback]
 
 
 def _trainer(root: Path, callback: pl.Callback, **flags: object) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=2,
-        callbacks=[callback],
-        default_root_dir=str(root),
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
-        **flags,
+    return quiet_trainer(
+        max_epochs=2, callbacks=[callback], default_root_dir=str(root), enable_checkpointing=False, **flags
     )
 
 

@@ -70,9 +70,16 @@ def test_bundles_follow_the_options(options: dict[str, Any], driver: dict[str, f
 @given(options=launch_options())
 def test_a_strategy_brings_its_own_settings(options: dict[str, Any]) -> None:
     try:
-        strategy = get_strategy("ddp", **options)
-    except ConfigurationError:
+        LaunchOptions(**options)
+    except ConfigurationError as invalid:  # the core's rules: no strategy either, with the same message
+        with pytest.raises(ConfigurationError, match=re.escape(str(invalid))):
+            get_strategy("ddp", **options)
         return
+    if options["use_gpu"] and 0 < (options.get("gpus_per_worker") or 1) < 1:  # ddp's own rule: NCCL needs whole GPUs
+        with pytest.raises(ConfigurationError, match="process_group_backend='gloo'"):
+            get_strategy("ddp", **options)
+        return
+    strategy = get_strategy("ddp", **options)
     assert get_tune_resources(strategy) == get_tune_resources("ddp", **options)
 
 

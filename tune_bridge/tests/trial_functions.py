@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from ray import tune
 
 from raylane import get_strategy
-from raylane.testing import ClassifierModel, make_loader
+from raylane.testing import ClassifierModel, make_loader, quiet_trainer
 from raylane_tune import TuneReportCallback, TuneReportCheckpointCallback
 
 WORKERS = 2
@@ -66,8 +66,9 @@ class RecordingModel(ClassifierModel):
 def fit_trial(config: dict[str, Any]) -> None:
     """Train ``config["epochs"]`` epochs on 2 raylane workers (or, with ``plain``, in the trial's own process).
 
-    ``fail_at_epoch``: rank 1 raises at the first step of that epoch, in a trial's first attempt only (a trial that
-    restarts from its checkpoint then succeeds). ``checkpoint``: report with checkpoints (default) or metrics only.
+    ``fail_at_epoch``: rank 1 (or ``fail_on_rank``) raises at the first step of that epoch, in a trial's first attempt
+    only (a trial that restarts from its checkpoint then succeeds). ``checkpoint``: report with checkpoints (default)
+    or metrics only.
     ``report_all``: report every logged metric instead of :data:`REPORTED` (plus ``extra_metrics``).
     ``raylane_max_failures``: raylane restarts the fit itself (the failure is injected once per trial), from the
     ModelCheckpoint that ``checkpoint_every_n_epochs`` adds.
@@ -82,7 +83,7 @@ def fit_trial(config: dict[str, Any]) -> None:
     model = RecordingModel(
         record,
         lr=config.get("lr", 0.1),
-        fail_on_rank=1 if failing else None,
+        fail_on_rank=config.get("fail_on_rank", 1) if failing else None,
         fail_at_step=STEPS_PER_EPOCH * (config.get("fail_at_epoch") or 0),
         fail_once_marker=str(record_dir / f"{trial_id}.failed") if restarts else None,
     )
@@ -104,14 +105,11 @@ def fit_trial(config: dict[str, Any]) -> None:
                 "ddp", workers=WORKERS, cpus_per_worker=config.get("cpus_per_worker", 1), max_failures=restarts
             )
         }
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
         max_epochs=config["epochs"],
         callbacks=callbacks,
         default_root_dir=str(record_dir),
         enable_checkpointing=len(callbacks) > 1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        logger=False,
         **placement,
     )
     started = time.time()

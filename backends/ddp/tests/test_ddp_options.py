@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import pytorch_lightning as pl
 from torch.nn.parallel import DistributedDataParallel
 
 from raylane import ConfigurationError, get_strategy
-from raylane.testing import ClassifierModel, ensure_local_ray, make_loader
+from raylane.testing import ClassifierModel, ensure_local_ray, make_loader, quiet_trainer
 from raylane_ddp import process_group_backend
 
 
@@ -17,23 +16,18 @@ class ReportsDDP(ClassifierModel):
         assert isinstance(ddp, DistributedDataParallel)
         self.log("find_unused", float(ddp.find_unused_parameters), rank_zero_only=True)
         self.log("bucket_mib", ddp.bucket_bytes_cap / 2**20, rank_zero_only=True)
+        self.log("static_graph", float(ddp.static_graph), rank_zero_only=True)
 
 
 @pytest.mark.timeout(120)
 def test_ddp_options_reach_distributed_data_parallel() -> None:
     ensure_local_ray()
-    strategy = get_strategy("ddp", workers=2, find_unused_parameters=True, bucket_cap_mb=5)
-    trainer = pl.Trainer(
-        strategy=strategy,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    strategy = get_strategy("ddp", workers=2, find_unused_parameters=True, bucket_cap_mb=5, static_graph=True)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, enable_checkpointing=False)
     trainer.fit(ReportsDDP(), make_loader(8))
     assert trainer.callback_metrics["find_unused"] == 1.0
     assert trainer.callback_metrics["bucket_mib"] == 5.0
+    assert trainer.callback_metrics["static_graph"] == 1.0
     strategy.release_workers()
 
 

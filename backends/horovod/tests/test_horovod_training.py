@@ -23,6 +23,7 @@ from torch import nn
 
 from raylane import get_strategy
 from raylane.testing import (
+    QUIET,
     ClassifierModel,
     assert_same_weights,
     ensure_local_ray,
@@ -31,7 +32,7 @@ from raylane.testing import (
     make_loader,
     validation_loader,
 )
-from raylane.testing.equivalence import QUIET, distributed_loader
+from raylane.testing.equivalence import distributed_loader
 
 hvd = pytest.importorskip("horovod.torch", reason="Horovod is not installed; see backends/horovod/README.md")
 

@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 
 from raylane import BackendLoadError, ConfigurationError, get_strategy
+from raylane.testing import ClassifierModel, ensure_local_ray, make_loader, quiet_trainer
 from raylane_sharded import DEFAULT_ENGINE, ENGINE_OPTIONS, ENGINES
 from raylane_sharded.strategy import RayShardedStrategy
 
@@ -98,3 +99,30 @@ def test_entry_module_and_driver_strategy_import_no_engine() -> None:
 @pytest.mark.parametrize("name", [*ENGINE_OPTIONS, *ENGINES])
 def test_readme_documents_every_engine_and_option(name: str) -> None:
     assert f"`{name}`" in README.read_text()
+
+
+class ReportsFairScale(ClassifierModel):
+    """Logs what FairScale's objects on the worker were built with (27 parameters: buckets hold at most that)."""
+
+    def on_train_start(self) -> None:
+        from fairscale.nn.data_parallel import ShardedDataParallel
+        from fairscale.optim import OSS
+
+        wrapped, (optimizer,) = self.trainer.strategy.model, self.trainer.optimizers
+        assert isinstance(wrapped, ShardedDataParallel) and isinstance(optimizer, OSS), (wrapped, optimizer)
+        self.log("bucket_elements", float(wrapped._buffer_max_size), rank_zero_only=True)
+        self.log("auto_refresh", float(wrapped._auto_refresh_trainable), rank_zero_only=True)
+        self.log("broadcast_fp16", float(optimizer.broadcast_fp16), rank_zero_only=True)
+
+
+@pytest.mark.timeout(180)
+def test_fairscale_options_reach_sharded_data_parallel_and_oss_on_the_workers() -> None:
+    ensure_local_ray()
+    options = {"reduce_buffer_size": 16, "auto_refresh_trainable": False, "broadcast_fp16": True}
+    strategy = get_strategy("sharded", workers=2, idle_timeout=0, **options)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, enable_checkpointing=False)
+    trainer.fit(ReportsFairScale(), make_loader(8))
+    reported = {
+        name: float(trainer.callback_metrics[name]) for name in ("bucket_elements", "auto_refresh", "broadcast_fp16")
+    }
+    assert reported == {"bucket_elements": 16.0, "auto_refresh": 0.0, "broadcast_fp16": 1.0}

@@ -22,8 +22,15 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from raylane import get_strategy
-from raylane.testing import ClassifierModel, assert_same_weights, ensure_local_ray, make_dataset, validation_loader
-from raylane.testing.equivalence import QUIET, distributed_loader, one_process_trainer, reference_loader
+from raylane.testing import (
+    QUIET,
+    ClassifierModel,
+    assert_same_weights,
+    ensure_local_ray,
+    make_dataset,
+    validation_loader,
+)
+from raylane.testing.equivalence import distributed_loader, one_process_trainer, reference_loader
 from raylane_sharded.optimizers import local_state_bytes
 
 pytestmark = pytest.mark.timeout(600)

@@ -15,6 +15,7 @@ from raylane.errors import (
     RaylaneError,
     ResourceError,
     SerializationError,
+    StorageError,
     WorkerError,
 )
 from raylane.hookspecs import hookimpl
@@ -32,6 +33,7 @@ __all__ = [
     "RaylaneError",
     "ResourceError",
     "SerializationError",
+    "StorageError",
     "WorkerContext",
     "WorkerError",
     "get_strategy",

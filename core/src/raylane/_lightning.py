@@ -206,13 +206,23 @@ def with_ckpt_path(
     return bound.args, bound.kwargs
 
 
+def ckpt_path_of(function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The ``ckpt_path`` a Trainer entry point (``Trainer._fit_impl``, ``_validate_impl`` ...) was called with."""
+    try:
+        bound = inspect.signature(function).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return bound.arguments.get("ckpt_path")
+
+
 def predict_batch_indices(trainer: pl.Trainer) -> list[list[list[int]]]:
     """Dataset indices of every batch this process predicted, per dataloader.
 
-    Lightning wraps predict dataloaders' batch samplers to record the indices they yield.
+    Lightning wraps predict dataloaders' batch samplers to record the indices they yield; other iterables (a Ray
+    Dataset's shard) have none.
     """
     return [
-        [list(batch) for batch in getattr(dataloader.batch_sampler, "seen_batch_indices", [])]
+        [list(batch) for batch in getattr(getattr(dataloader, "batch_sampler", None), "seen_batch_indices", [])]
         for dataloader in _predict_dataloaders(trainer)
     ]
 

@@ -1,14 +1,18 @@
 """The only Ray calls outside Ray's public API, kept here so a Ray release that moves them breaks one module.
 
-Each one degrades to "Ray cannot say" (None) instead of failing a run; ``core/tests/test_ray_internals.py`` fails
-loudly when a Ray release stops answering them.
+Each lookup degrades to "Ray cannot say" (None) instead of failing a run; the upload of local code for ``runtime_env``
+fails as ``ray.init`` would. ``core/tests/test_ray_internals.py`` (and the runtime_env tests in
+``tests/test_user_environment.py``) fail loudly when a Ray release stops answering them.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -59,3 +63,26 @@ def waiting_work() -> WaitingWork | None:
     except Exception:
         log.debug("Ray did not report its pending demands", exc_info=True)
         return None
+
+
+def upload_local_code(runtime_env: Mapping[str, Any]) -> dict[str, Any]:
+    """``runtime_env`` with its local ``working_dir`` and ``py_modules`` folders uploaded to Ray, named by URI.
+
+    Ray uploads local folders only for a job's runtime_env (``ray.init``, ``ray job submit``) and rejects them in an
+    actor's options; raylane's workers are actors, so the driver uploads them as ``ray.init`` would (content-hashed:
+    an unchanged folder is not sent twice). A Ray Client driver's folders are left to Ray, which says what to do.
+    """
+    env = dict(runtime_env)
+    if "working_dir" not in env and "py_modules" not in env:
+        return env
+    if ray.util.client.ray.is_connected():
+        return env
+    from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
+    from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
+
+    include_gitignore = os.environ.get("RAY_RUNTIME_ENV_IGNORE_GITIGNORE", "0") != "1"  # Ray's own switch
+    with tempfile.TemporaryDirectory() as scratch:
+        env = upload_py_modules_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch, logger=log)
+        env = upload_working_dir_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch, logger=log)
+    env.pop("excludes", None)  # applied by the upload; not an actor option
+    return env

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raylane import console, environment, placement, topology
+from raylane import _ray, console, environment, placement, topology
 from raylane.context import WorkerContext
 from raylane.hookspecs import hookimpl
 from raylane.options import LaunchOptions
@@ -36,7 +36,7 @@ def raylane_worker_actor_options(options: LaunchOptions) -> dict[str, Any]:
         "max_concurrency": 2,
     }
     if options.runtime_env is not None:
-        actor_options["runtime_env"] = dict(options.runtime_env)
+        actor_options["runtime_env"] = _ray.upload_local_code(options.runtime_env)
     return actor_options
 
 

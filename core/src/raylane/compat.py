@@ -14,6 +14,7 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from raylane import _lightning
 from raylane.api import get_strategy
 from raylane.errors import ConfigurationError
 
@@ -44,61 +45,104 @@ _IGNORED = {
 }
 
 
-def RayStrategy(  # ray_lightning's class names, so existing scripts keep working
-    num_workers: int = 1,
-    num_cpus_per_worker: float = 1,
-    use_gpu: bool = False,
-    init_hook: Callable[[], Any] | None = None,
-    resources_per_worker: Mapping[str, float] | None = None,
-    **ddp_kwargs: Any,
-) -> Strategy:
+class _CompatStrategy:
+    """Base of ray_lightning's names: classes, so a class path names them (LightningCLI's
+    ``--trainer.strategy=raylane.compat.RayStrategy``), whose construction returns the raylane strategy that
+    :func:`raylane.get_strategy` builds. Each is registered as a virtual subclass of Lightning's ``Strategy`` in every
+    namespace, as the class path check of configuration tools requires."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _lightning.when_imported(lambda lightning: lightning.strategies.Strategy.register(cls))
+
+
+class RayStrategy(_CompatStrategy):
     """ray_lightning's ``RayStrategy``: DDP on ``num_workers`` Ray actors, as ``get_strategy("ddp", ...)``.
 
     ``resources_per_worker`` may override the CPUs (``"CPU"``) and GPUs (``"GPU"``, fractions allowed; more than 0
     turns ``use_gpu`` on) of each worker; other keys are custom Ray resources. ``ddp_kwargs`` are the ``ddp``
     backend's options (``find_unused_parameters`` ...) or raylane's shared ones (``max_failures`` ...).
     """
-    options = _translate("RayStrategy", num_workers, num_cpus_per_worker, use_gpu, resources_per_worker, ddp_kwargs)
-    _adopt_legacy_backend_env(options)
-    return get_strategy("ddp", init_hook=init_hook, **options)
+
+    def __new__(  # type: ignore[misc]
+        cls,
+        num_workers: int = 1,
+        num_cpus_per_worker: float = 1,
+        use_gpu: bool = False,
+        init_hook: Callable[[], Any] | None = None,
+        resources_per_worker: Mapping[str, float] | None = None,
+        **ddp_kwargs: Any,
+    ) -> Strategy:
+        options = _translate("RayStrategy", num_workers, num_cpus_per_worker, use_gpu, resources_per_worker, ddp_kwargs)
+        _adopt_legacy_backend_env(options)
+        return get_strategy("ddp", init_hook=init_hook, **options)
+
+    def __init__(  # the signature configuration tools read; __new__ already returned the strategy
+        self,
+        num_workers: int = 1,
+        num_cpus_per_worker: float = 1,
+        use_gpu: bool = False,
+        init_hook: Callable[[], Any] | None = None,
+        resources_per_worker: Mapping[str, float] | None = None,
+        **ddp_kwargs: Any,
+    ) -> None: ...
 
 
-def RayShardedStrategy(
-    num_workers: int = 1,
-    num_cpus_per_worker: float = 1,
-    use_gpu: bool = False,
-    init_hook: Callable[[], Any] | None = None,
-    resources_per_worker: Mapping[str, float] | None = None,
-    **ddp_kwargs: Any,
-) -> Strategy:
+class RayShardedStrategy(_CompatStrategy):
     """ray_lightning's ``RayShardedStrategy``: FairScale sharded DDP, as ``get_strategy("sharded")`` with FairScale.
 
-    Arguments as :func:`RayStrategy`; ``ddp_kwargs`` are the ``sharded`` backend's options (FairScale's
+    Arguments as :class:`RayStrategy`; ``ddp_kwargs`` are the ``sharded`` backend's options (FairScale's
     ``reduce_buffer_size``, ``broadcast_buffers`` ..., or ``engine="zero"`` for torch's own optimizer sharding).
     """
-    options = _translate(
-        "RayShardedStrategy", num_workers, num_cpus_per_worker, use_gpu, resources_per_worker, ddp_kwargs
-    )
-    options.setdefault("engine", "fairscale")
-    if os.environ.get(LEGACY_BACKEND_ENV):
-        warnings.warn(
-            f"{LEGACY_BACKEND_ENV} is ignored: the sharded backend uses nccl on GPUs and gloo on CPUs.",
-            MigrationWarning,
-            stacklevel=2,
+
+    def __new__(  # type: ignore[misc]
+        cls,
+        num_workers: int = 1,
+        num_cpus_per_worker: float = 1,
+        use_gpu: bool = False,
+        init_hook: Callable[[], Any] | None = None,
+        resources_per_worker: Mapping[str, float] | None = None,
+        **ddp_kwargs: Any,
+    ) -> Strategy:
+        options = _translate(
+            "RayShardedStrategy", num_workers, num_cpus_per_worker, use_gpu, resources_per_worker, ddp_kwargs
         )
-    return get_strategy("sharded", init_hook=init_hook, **options)
+        options.setdefault("engine", "fairscale")
+        if os.environ.get(LEGACY_BACKEND_ENV):
+            warnings.warn(
+                f"{LEGACY_BACKEND_ENV} is ignored: the sharded backend uses nccl on GPUs and gloo on CPUs.",
+                MigrationWarning,
+                stacklevel=2,
+            )
+        return get_strategy("sharded", init_hook=init_hook, **options)
+
+    def __init__(  # the signature configuration tools read; __new__ already returned the strategy
+        self,
+        num_workers: int = 1,
+        num_cpus_per_worker: float = 1,
+        use_gpu: bool = False,
+        init_hook: Callable[[], Any] | None = None,
+        resources_per_worker: Mapping[str, float] | None = None,
+        **ddp_kwargs: Any,
+    ) -> None: ...
 
 
-def HorovodRayStrategy(
-    num_workers: int, num_cpus_per_worker: float = 1, use_gpu: bool = False, **options: Any
-) -> Strategy:
+class HorovodRayStrategy(_CompatStrategy):
     """ray_lightning's ``HorovodRayStrategy``: Horovod on ``num_workers`` Ray actors, as ``get_strategy("horovod")``.
 
     ``options`` are the ``horovod`` backend's (``compression``, ``op`` ...) or raylane's shared ones; ray_lightning
     had none.
     """
-    launch = _translate("HorovodRayStrategy", num_workers, num_cpus_per_worker, use_gpu, None, options)
-    return get_strategy("horovod", **launch)
+
+    def __new__(  # type: ignore[misc]
+        cls, num_workers: int, num_cpus_per_worker: float = 1, use_gpu: bool = False, **options: Any
+    ) -> Strategy:
+        launch = _translate("HorovodRayStrategy", num_workers, num_cpus_per_worker, use_gpu, None, options)
+        return get_strategy("horovod", **launch)
+
+    def __init__(  # the signature configuration tools read; __new__ already returned the strategy
+        self, num_workers: int, num_cpus_per_worker: float = 1, use_gpu: bool = False, **options: Any
+    ) -> None: ...
 
 
 def _translate(

@@ -24,7 +24,7 @@ class WorkerContext:
     driver_node_id: str = ""  # "" when the driver is no Ray node (Ray Client): rank 0's files are always sent
     driver_cwd: str = ""  # where the driver resolves relative paths (loggers, checkpoints); "" when unknown
     backend_options: Mapping[str, Any] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # credentials: never in a repr
     driver_sys_path: tuple[str, ...] = ()
 
     @property

@@ -21,12 +21,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from raylane import culprit
 from raylane.context import WorkerContext
-from raylane.errors import WorkerError
+from raylane.errors import StorageError, WorkerError, worker_error
 from raylane.heartbeat import Heartbeat
 from raylane.host import BackendHost
 from raylane.options import LaunchOptions
 from raylane.placement import WorkerReservation
 from raylane.results import WorkerOutput, driver_filesystem_node
+from raylane.storage import StorageTargets
 from raylane.topology import WorkerPlacement, assign_ranks
 from raylane.worker import Worker
 
@@ -135,6 +136,19 @@ class WorkerGroup:
             contexts.append(replace(context, env=self.host.worker_env(context)))
         return contexts
 
+    def check_storage(self, targets: StorageTargets) -> None:
+        """Rank 0 checks the remote checkpoint and log URLs (:mod:`raylane.storage`) before any entry point runs;
+        a URL it cannot use raises its :class:`~raylane.errors.StorageError` here, the group stopped."""
+        if not targets:
+            return
+        try:
+            self._gather([self.actors[0].check_storage.remote(self.contexts[0], targets)])
+        except WorkerError as failure:
+            cause = getattr(failure.__cause__, "cause", None)
+            if isinstance(cause, StorageError):
+                raise cause from None
+            raise
+
     def run(self, payload: ray.ObjectRef, on_message: MessageHandler | None = None) -> list[WorkerOutput]:
         """Run the payload on every worker; return their outputs in rank order, or raise the first failure."""
         if self._rendezvous_used:
@@ -228,12 +242,13 @@ class WorkerGroup:
         node_id = context.placement.node_id if context else "unknown"
         what = what or ("died" if isinstance(err, RayActorError) else "raised")
         self.shutdown()
-        return WorkerError(
+        return worker_error(
             f"raylane worker rank {rank} on node {node_ip} (node id {node_id[:12]}) {what}; all workers were "
             f"stopped and their resources released.\n{err}",
             rank=rank,
             node_ip=node_ip,
             node_id=node_id,
+            raised=getattr(err, "cause", None) if isinstance(err, RayTaskError) and what == "raised" else None,
         )
 
     def pids(self) -> list[int]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from raylane import _lightning, _ray, console, relay
+from raylane import _lightning, _ray, console, relay, shards, storage
 from raylane.errors import ConfigurationError, WorkerError
 from raylane.group import WorkerGroup
 from raylane.idle import IdleWatch
@@ -66,6 +66,8 @@ class RayLauncher:
             raise ConfigurationError("raylane runs Trainer entry points only; call trainer.fit/validate/test/predict.")
         options = self._strategy.launch_options
         check_trainer_flags(trainer, options.workers)
+        self._strategy.check_before_launch(trainer)
+        shards.check_entry_point_data(args, kwargs)  # a bare ray.data.Dataset fails here, on the driver
         ensure_ray(options.workers * options.cpus_per_worker)
         host = backend_host(self._strategy.backend_name)
         _fix_logger_versions(trainer)
@@ -78,7 +80,7 @@ class RayLauncher:
                 if trainer.state.fn != _lightning.FITTING or restarts >= options.max_failures:
                     raise
                 if self.last_checkpoint is None:
-                    raise WorkerError(
+                    raise type(failure)(  # the same class: WorkerError, or WorkerError(<the worker's own class>)
                         f"{failure}\nNot restarted (max_failures={options.max_failures}): no checkpoint was saved "
                         "before the failure. Add a ModelCheckpoint that saves every epoch (or more often).",
                         rank=failure.rank,
@@ -99,7 +101,10 @@ class RayLauncher:
         self, host: BackendHost, trainer: pl.Trainer, function: Callable[..., Any], args: Any, kwargs: Any
     ) -> Any:
         marks = {"launch": time.time()}
-        payload = put_payload(LaunchPayload(trainer, function, args, kwargs, GlobalTorchState.capture()))
+        # Ray Datasets are split afresh for each attempt; the payload holds the split until this entry point ends.
+        predicting = trainer.state.fn == _lightning.PREDICTING
+        data_args, data_kwargs = shards.split_for_workers(args, kwargs, self._strategy.launch_options, predicting)
+        payload = put_payload(LaunchPayload(trainer, function, data_args, data_kwargs, GlobalTorchState.capture()))
         marks["payload_stored"] = time.time()
         with self._lock:
             self._busy = True
@@ -107,6 +112,7 @@ class RayLauncher:
                 self._idle_watch.cancel()
         try:
             group = self._warm_group(host)
+            group.check_storage(storage.find_targets(trainer, _lightning.ckpt_path_of(function, args, kwargs)))
             outputs = group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
             # A warm group's start() marks belong to an earlier entry point.
             marks.update({name: at for name, at in group.marks.items() if at >= marks["launch"]})
@@ -124,10 +130,12 @@ class RayLauncher:
         marks["results_applied"] = time.time()
         self.timeline = {"driver": marks, "workers": [output.marks for output in outputs]}
         if trainer.state.fn == _lightning.PREDICTING and outputs[0].predictions is not None:
+            reporting = [o for o in outputs if o.predictions is not None]  # see RayStrategyMixin.reports_predictions
             return merge_predictions(
-                [o.predictions or [] for o in outputs],
-                [o.batch_indices or [] for o in outputs],
+                [o.predictions or [] for o in reporting],
+                [o.batch_indices or [] for o in reporting],
                 outputs[0].batch_sizes or [],
+                in_dataset_order=not shards.check_entry_point_data(args, kwargs),
             )
         return rank_zero.results
 

@@ -28,7 +28,7 @@ class LaunchOptions:
     resources_per_worker: Mapping[str, float] = field(default_factory=dict)
     placement_strategy: str = "PACK"
     init_hook: Callable[[], Any] | None = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)  # credentials: never in a repr
     runtime_env: Mapping[str, Any] | None = None
     resource_timeout: float = 300.0
     collective_timeout: float = 1800.0
@@ -72,7 +72,8 @@ class LaunchOptions:
             raise ConfigurationError(f"init_hook must be a callable taking no arguments, got {self.init_hook!r}.")
         for key, value in dict(self.env).items():
             if not isinstance(key, str) or not isinstance(value, str):
-                raise ConfigurationError(f"env must map str to str; got {key!r}: {value!r}.")
+                # The value's type only: env carries credentials, which no message may show.
+                raise ConfigurationError(f"env must map str to str; got {key!r}: a {type(value).__name__}.")
         if self.runtime_env is not None and not isinstance(self.runtime_env, Mapping):
             raise ConfigurationError(f"runtime_env must be a dict as Ray accepts it, got {self.runtime_env!r}.")
         _check_amount("resource_timeout", self.resource_timeout, allow_zero=False)

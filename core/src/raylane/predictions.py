@@ -25,11 +25,13 @@ def merge_predictions(
     per_rank_predictions: Sequence[list[list[Any]]],
     per_rank_indices: Sequence[list[list[list[int]]]],
     batch_sizes: Sequence[int | None] = (),
+    in_dataset_order: bool = True,
 ) -> list[Any]:
     """Merge ``[rank][dataloader][batch]`` outputs into Lightning's return shape, in dataset order.
 
     ``batch_sizes`` are the dataloaders' batch sizes; without one, the largest batch any rank predicted is used
-    (too small when every rank saw fewer samples than a batch).
+    (too small when every rank saw fewer samples than a batch). ``in_dataset_order=False`` (streamed data, such as
+    Ray Datasets, has no sample indices) keeps the batches as they are, rank 0's first.
     """
     num_dataloaders = len(per_rank_predictions[0]) if per_rank_predictions else 0
     merged = []
@@ -37,7 +39,7 @@ def merge_predictions(
         batches = [batch for rank in per_rank_predictions for batch in rank[dl]]
         indices = [index for rank in per_rank_indices for index in (rank[dl] if dl < len(rank) else [])]
         batch_size = batch_sizes[dl] if dl < len(batch_sizes) else None
-        merged.append(_merge_dataloader(batches, indices, batch_size))
+        merged.append(_merge_dataloader(batches, indices, batch_size) if in_dataset_order else batches)
     return merged[0] if num_dataloaders == 1 else merged
 
 

@@ -18,7 +18,12 @@ BACKENDS_GROUP = "raylane.backends"
 EXTENSIONS_GROUP = "raylane.plugins"
 
 # Backends this project publishes, with the distribution that provides each: the hint shown when one is missing.
-KNOWN_BACKENDS = {"ddp": "raylane-ddp", "horovod": "raylane-horovod", "sharded": "raylane-sharded"}
+KNOWN_BACKENDS = {
+    "ddp": "raylane-ddp",
+    "deepspeed": "raylane-deepspeed",
+    "horovod": "raylane-horovod",
+    "sharded": "raylane-sharded",
+}
 
 log = logging.getLogger(__name__)
 

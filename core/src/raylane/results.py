@@ -17,6 +17,7 @@ from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from raylane import _lightning
+from raylane.storage import is_remote
 from raylane.weights import pack_state_dict, unpack_state_dict
 
 if TYPE_CHECKING:
@@ -59,9 +60,9 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
     """Run on every worker after the entry point; rank 0 includes the Trainer's state."""
     fn = trainer.state.fn
     # Every rank computes the state dict: torchmetrics may synchronise across ranks inside it.
-    state_dict = pack_state_dict(trainer.strategy.lightning_module_state_dict()) if fn == _lightning.FITTING else None
+    state_dict = pack_state_dict(trainer.strategy.state_dict_for_driver()) if fn == _lightning.FITTING else None
     output = WorkerOutput(rank=context.global_rank)
-    if fn == _lightning.PREDICTING and results is not None:
+    if fn == _lightning.PREDICTING and results is not None and trainer.strategy.reports_predictions:
         output.predictions = _per_dataloader(_to_cpu(results), len(_lightning.predict_batch_indices(trainer)))
         output.batch_indices = _lightning.predict_batch_indices(trainer)
         output.batch_sizes = _lightning.predict_batch_sizes(trainer)
@@ -143,12 +144,21 @@ def _files_for_driver(trainer: pl.Trainer, relative_only: bool = False) -> dict[
         if isinstance(callback, checkpoint_callback):
             paths.update(str(p) for p in (callback.best_model_path, callback.last_model_path) if p)
             paths.update(str(p) for p in callback.best_k_models)
+    # URLs (s3://...) are not paths on this machine, and the driver reads them where they are: nothing to copy.
+    paths = {path for path in paths if not is_remote(path)}
+    # A sharded checkpoint is a directory (torch distributed checkpoint): each of its files comes back.
+    paths.update(str(p) for path in list(paths) if os.path.isdir(path) for p in Path(path).rglob("*") if p.is_file())
     for logger in trainer.loggers:
-        if logger.log_dir and os.path.isdir(logger.log_dir):
-            paths.update(str(p) for p in Path(logger.log_dir).rglob("*") if p.is_file() and p.suffix != ".ckpt")
+        if logger.log_dir and not is_remote(logger.log_dir) and os.path.isdir(logger.log_dir):
+            paths.update(str(p) for p in Path(logger.log_dir).rglob("*") if p.is_file() and not _in_checkpoint(p))
     if relative_only:
         paths = {path for path in paths if not os.path.isabs(path)}
     return {os.path.normpath(path): Path(path).read_bytes() for path in sorted(paths) if os.path.isfile(path)}
+
+
+def _in_checkpoint(path: Path) -> bool:
+    """A checkpoint file, or a file inside a checkpoint directory: only the checkpoint callback's ones are sent."""
+    return any(part.endswith(".ckpt") for part in path.parts)
 
 
 def _per_dataloader(predictions: list[Any], num_dataloaders: int) -> list[list[Any]]:

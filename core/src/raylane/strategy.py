@@ -172,7 +172,12 @@ class RayStrategyMixin(_lightning.LauncherSlot):
 
     @property
     def ray_environment(self) -> RayClusterEnvironment:
-        assert isinstance(self.cluster_environment, RayClusterEnvironment), "raylane strategies need their environment"
+        if not isinstance(self.cluster_environment, RayClusterEnvironment):
+            raise TypeError(
+                f"{type(self).__name__} has cluster_environment={self.cluster_environment!r}, but raylane's workers "
+                "get their ranks from Ray: pass cluster_environment=RayClusterEnvironment() (from raylane.strategy) to "
+                "the Lightning base class, as in super().__init__(cluster_environment=RayClusterEnvironment(), ...)."
+            )
         return self.cluster_environment
 
     def init_ray_options(self, options: dict[str, Any]) -> dict[str, Any]:
@@ -186,6 +191,27 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         options = {name: value for name, value in options.items() if not (name in known and value is None)}
         self.launch_options, self.backend_options = split_options(options, known, self.backend_name)
         return dict(self.backend_options)
+
+    # ray_lightning's names for the launch options, read-only (user code and Tune setups read them off the strategy).
+    @property
+    def num_workers(self) -> int:
+        """The number of Ray workers (``workers``): ray_lightning's name, read-only."""
+        return self.launch_options.workers
+
+    @property
+    def num_cpus_per_worker(self) -> float:
+        """CPUs each worker reserves (``cpus_per_worker``): ray_lightning's name, read-only."""
+        return self.launch_options.cpus_per_worker
+
+    @property
+    def num_gpus_per_worker(self) -> float:
+        """GPUs each worker reserves: 0 without ``use_gpu``, else ``gpus_per_worker`` (default 1). Read-only."""
+        return self.launch_options.gpus
+
+    @property
+    def use_gpu(self) -> bool:
+        """Whether the workers train on GPUs (``use_gpu``): ray_lightning's name, read-only."""
+        return self.launch_options.gpus > 0
 
     @property
     def worker_context(self) -> WorkerContext | None:
@@ -225,6 +251,34 @@ class RayStrategyMixin(_lightning.LauncherSlot):
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         return {"num_replicas": self.ray_environment.world_size(), "rank": self.ray_environment.global_rank()}
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """*Worker*: a Ray Dataset (``raylane.data.from_ray``) becomes this rank's shard; others pass through."""
+        from raylane.shards import shard_for_rank
+
+        return super().process_dataloader(shard_for_rank(self, dataloader))  # type: ignore[misc,no-any-return]
+
+    def check_before_launch(self, trainer: Any) -> None:
+        """*Driver*, at every entry point, before any actor starts: reject what only the Trainer or the model
+        (``trainer.lightning_module``) can show is wrong, with a :class:`~raylane.ConfigurationError`. Does nothing
+        here; a backend overrides it."""
+
+    @property
+    def reports_predictions(self) -> bool:
+        """*Worker*: whether this rank's predictions go into what ``trainer.predict`` returns on the driver.
+
+        Every rank's, by default. A backend whose ranks share samples (tensor-parallel ranks compute the same
+        predictions) lets one rank of each group report them, so each sample comes back once.
+        """
+        return True
+
+    def state_dict_for_driver(self) -> dict[str, Any]:
+        """*Worker*, every rank, after ``fit``: the weights rank 0 sends to the driver's LightningModule.
+
+        Lightning's ``lightning_module_state_dict`` by default. A sharding backend whose checkpoints hold shards
+        overrides it to gather the full weights (every rank takes part; only rank 0's result is used).
+        """
+        return self.lightning_module_state_dict()  # type: ignore[attr-defined,no-any-return]
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.ray_environment.context is None and checkpoint.get("optimizer_states") == []:

@@ -36,3 +36,24 @@ def leave_process_group() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+_group_from_backend: object | None = None
+
+
+def record_backend_group() -> None:
+    """Remember the default process group as the backend's setup hook left it (the worker calls this right after
+    ``raylane_setup_process_group``), so a test can tell it from a group Lightning made later on its own."""
+    global _group_from_backend
+    import torch.distributed as dist
+
+    _group_from_backend = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def group_in_use_is_the_backends() -> bool:
+    """Whether the default process group in use now is the one the backend's setup hook made (or both are absent,
+    as for a backend whose communication is not torch.distributed, such as Horovod)."""
+    import torch.distributed as dist
+
+    in_use = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    return in_use is _group_from_backend

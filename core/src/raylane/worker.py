@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from raylane import console, relay
+from raylane import console, relay, storage, torch_distributed
 from raylane.context import WorkerContext
 from raylane.payload import LaunchPayload
 from raylane.process_state import ProcessDefaults
@@ -82,6 +82,12 @@ class Worker:
         frame = sys._current_frames().get(self._entry_thread) if self._entry_thread is not None else None
         return "".join(traceback.format_stack(frame, limit=STACK_FRAMES)) if frame is not None else ""
 
+    def check_storage(self, context: WorkerContext, targets: storage.StorageTargets) -> None:
+        """Whether this rank can use the run's remote URLs, with the workers' environment and packages; before the
+        Trainer is unpickled here, which already needs the URLs' filesystem packages."""
+        os.environ.update(context.env)
+        storage.check_targets(targets)
+
     def run(self, context: WorkerContext, payload_ref: list[ray.ObjectRef]) -> WorkerOutput:
         """Run one entry point. The payload arrives as a nested reference so it is unpickled only after sys.path and
         the environment are ready (the user's modules may live next to the driver's script)."""
@@ -104,6 +110,7 @@ class Worker:
             torch.cuda.set_device(torch.device(context.device))
         host = backend_host(context.backend)
         host.setup_process_group(context)
+        torch_distributed.record_backend_group()
         marks["process_group_up"] = time.time()
         relay.activate(self._outbox if context.global_rank == 0 else None)
         try:

@@ -4,9 +4,12 @@ from raylane.testing.conformance import BackendConformance, FailureConformance, 
 from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
 from raylane.testing.faults import signal_worker, worker_pid
 from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader
+from raylane.testing.processes import env_without_ray_address, free_port
 from raylane.testing.ray_state import assert_released, ensure_local_ray
+from raylane.testing.trainers import QUIET, quiet_trainer
 
 __all__ = [
+    "QUIET",
     "BackendConformance",
     "ClassifierModel",
     "FailureConformance",
@@ -15,10 +18,13 @@ __all__ = [
     "assert_released",
     "assert_same_weights",
     "ensure_local_ray",
+    "env_without_ray_address",
     "fit_distributed",
     "fit_one_process",
+    "free_port",
     "make_dataset",
     "make_loader",
+    "quiet_trainer",
     "signal_worker",
     "validation_loader",
     "worker_pid",

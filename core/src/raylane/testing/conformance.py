@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +34,8 @@ from raylane import ConfigurationError, ResourceError, SerializationError, Worke
 from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
 from raylane.testing.faults import signal_worker
 from raylane.testing.models import ClassifierModel, make_dataset, make_loader
+from raylane.testing.processes import env_without_ray_address
+from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
 from raylane.testing.ray_state import assert_released, ensure_local_ray
 
 
@@ -59,6 +64,12 @@ class ConformanceBase:
     def strategy(self, **options: Any) -> pl.strategies.Strategy:
         return get_strategy(self.backend, **{"workers": self.workers, **self.backend_options, **options})
 
+    def checkpoint_weights(self, path: Path) -> dict[str, torch.Tensor]:
+        """The model weights in a checkpoint the backend's workers wrote. A backend whose checkpoints are not one
+        ``torch.save`` file (a sharded checkpoint directory) overrides this to read its own format."""
+        assert path.is_file(), f"{path} is not a checkpoint file"
+        return torch.load(path, weights_only=False)["state_dict"]  # type: ignore[no-any-return]
+
     def trainer(self, root: Path, strategy: pl.strategies.Strategy | None = None, **flags: Any) -> pl.Trainer:
         defaults: dict[str, Any] = {
             "max_epochs": 2,
@@ -70,8 +81,74 @@ class ConformanceBase:
         return pl.Trainer(strategy=strategy or self.strategy(), **{**defaults, **flags})
 
 
+# A user's script for the unified package's namespace (the rest of the suite uses pytorch_lightning): it imports only
+# lightning.pytorch, fits with a validation loader, and prints what came back. argv: backend, workers, options (JSON).
+OTHER_NAMESPACE_SCRIPT = """
+import json, os, sys
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from raylane import get_strategy
+
+
+class Regressor(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def on_train_start(self):
+        from raylane.torch_distributed import group_in_use_is_the_backends
+
+        self.log("group_from_backend", float(group_in_use_is_the_backends()), sync_dist=True, reduce_fx="min")
+        self.log("worker_pid", float(os.getpid()))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.mse_loss(self.layer(batch[0]), batch[1]), sync_dist=True)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+torch.manual_seed(0)
+features = torch.randn(64, 4)
+data = TensorDataset(features, features.sum(dim=1, keepdim=True))
+model = Regressor()
+before = model.layer.weight.detach().clone()
+strategy = get_strategy(sys.argv[1], workers=int(sys.argv[2]), **json.loads(sys.argv[3]))
+trainer = pl.Trainer(max_epochs=1, strategy=strategy, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False)
+trainer.fit(model, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+print("REPORT " + json.dumps({
+    "strategy_class": type(strategy).__qualname__,
+    "weights_moved": float((model.layer.weight.detach() - before).abs().sum()),
+    "trained_elsewhere": int(trainer.callback_metrics["worker_pid"]) != os.getpid(),
+    "group_from_backend": float(trainer.callback_metrics["group_from_backend"]),
+    "has_val_loss": "val_loss" in trainer.callback_metrics,
+    "namespaces": [name for name in ("pytorch_lightning", "lightning.pytorch") if name in sys.modules],
+}))
+"""
+
+
 class ResultsConformance(ConformanceBase):
     """What a backend brings back to the driver, how it ranks its workers, and which bad input it rejects."""
+
+    def test_one_fit_in_the_lightning_pytorch_namespace(self, tmp_path: Path) -> None:
+        """The rest of the suite runs in ``pytorch_lightning``; one representative fit (a fresh process that imports
+        only ``lightning.pytorch``, as users of the unified package do) covers the other namespace."""
+        env = {**env_without_ray_address(), "PYTHONPATH": os.pathsep.join(sys.path)}
+        options = json.dumps(self.backend_options)
+        command = [sys.executable, "-c", OTHER_NAMESPACE_SCRIPT, self.backend, str(self.workers), options]
+        done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+        reports = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+        assert done.returncode == 0 and reports, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+        report = json.loads(reports[-1].removeprefix("REPORT "))
+        assert report["namespaces"] == ["lightning.pytorch"], "raylane imported the other Lightning"
+        assert report["strategy_class"].endswith(".for_lightning_pytorch"), report
+        assert report["trained_elsewhere"] and report["weights_moved"] > 0 and report["has_val_loss"], report
+        assert report["group_from_backend"] == 1.0, "training used a process group the backend's hook did not make"
 
     # -- results come back to the driver ---------------------------------------------------------------------------
 
@@ -87,8 +164,8 @@ class ResultsConformance(ConformanceBase):
         assert {"train_loss", "val_loss"} <= set(trainer.callback_metrics)
         assert not torch.equal(initial["layer.weight"], model.layer.weight)
         best = Path(trainer.checkpoint_callback.best_model_path)
-        assert best.is_file(), "the checkpoint rank 0 wrote must be readable on the driver"
-        saved = torch.load(best, weights_only=False)["state_dict"]
+        assert best.exists(), "the checkpoint rank 0 wrote must be readable on the driver"
+        saved = self.checkpoint_weights(best)
         for name, value in model.state_dict().items():
             torch.testing.assert_close(saved[name], value)
         assert saved["layer.weight"].shape == initial["layer.weight"].shape
@@ -110,6 +187,19 @@ class ResultsConformance(ConformanceBase):
             expected = [model(inputs) for inputs, _ in DataLoader(dataset, batch_size=8)]
         assert [p.shape for p in predictions] == [e.shape for e in expected]
         torch.testing.assert_close(torch.cat(predictions), torch.cat(expected))
+
+    def test_ray_data_fit_and_validation_see_every_row_once(self, tmp_path: Path) -> None:
+        # Predict is not here: its shards may differ in batch count, which backends whose forward is a collective
+        # (fsdp) cannot run yet; tests/test_ray_data.py covers predict on ddp.
+        from raylane.data import from_ray
+
+        model = RowRecordingModel(report_dir=str(tmp_path))
+        trainer = self.trainer(tmp_path, max_epochs=1)
+        trainer.fit(model, from_ray(make_ray_dataset(64), batch_size=8), from_ray(make_ray_dataset(32), batch_size=8))
+        reports = rows_seen(tmp_path)
+        for key, rows in (("fit-epoch0", 64), ("val-run0", 32)):
+            seen = [row for report in reports for row in report[key]]
+            assert sorted(seen) == list(range(rows)), f"{key}: every row exactly once across the ranks"
 
     def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:
         model = ClassifierModel(report_dir=str(tmp_path))
@@ -148,6 +238,11 @@ class ResultsConformance(ConformanceBase):
             assert report["sampler_rank"] == report["global_rank"]
         assert len({r["pid"] for r in reports}) == self.workers, "each rank is its own process"
         assert len({r["initial_weight_sum"] for r in reports}) == 1, "every rank starts from the same weights"
+        # Lightning makes a process group of its own when none exists, which would hide a setup hook that does nothing.
+        assert all(r["process_group_from_backend"] for r in reports), (
+            "training used a process group other than the one raylane_setup_process_group made (does the hook "
+            "initialise torch.distributed?)"
+        )
 
     def test_same_weights_as_one_process_with_the_union_batch(self, tmp_path: Path) -> None:
         # Trained as users train: a validation loader and Lightning's default sanity check (see testing.equivalence).
@@ -207,6 +302,12 @@ class ResultsConformance(ConformanceBase):
         with pytest.raises(ConfigurationError, match="devices"):
             trainer.fit(ClassifierModel(), make_loader(8))
 
+    def test_trainer_num_nodes_rejected(self, tmp_path: Path) -> None:
+        # Ray places the workers on nodes; a node count of the Trainer's own would contradict it.
+        with pytest.raises(ConfigurationError, match=r"num_nodes=2.*Remove num_nodes"):
+            self.trainer(tmp_path, num_nodes=2).fit(ClassifierModel(), make_loader(8))
+        assert_released()
+
     def test_unpicklable_model_names_the_attribute(self, tmp_path: Path) -> None:
         with pytest.raises(SerializationError, match=r"model\.lock"):
             self.trainer(tmp_path).fit(UnpicklableModel(), make_loader(8))
@@ -242,10 +343,14 @@ class FailureConformance(ConformanceBase):
         assert_released()
 
     def test_worker_killed_from_outside_reaches_driver(self, tmp_path: Path) -> None:
-        # Rank 0 stalls, so the victim is a healthy rank blocked in a collective when the signal lands.
-        model = ClassifierModel(fail_on_rank=0, fail_at_step=1, fail_mode="hang")
+        # Rank 0 stalls, so the victim is a healthy rank blocked in a collective when the signal lands; the kill waits
+        # for rank 0's marker (written as it stalls, in training), never landing during the workers' start-up.
+        stalled = tmp_path / "rank0-stalled"
+        model = ClassifierModel(fail_on_rank=0, fail_at_step=1, fail_mode="hang", fail_once_marker=str(stalled))
         victim = self.workers - 1
-        killer = threading.Thread(target=signal_worker, args=(victim, signal.SIGKILL), daemon=True)
+        killer = threading.Thread(
+            target=signal_worker, args=(victim, signal.SIGKILL), kwargs={"after": stalled}, daemon=True
+        )
         killer.start()
         with pytest.raises(WorkerError, match="died") as info:
             self.trainer(tmp_path).fit(model, make_loader(8))

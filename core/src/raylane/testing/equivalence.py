@@ -18,9 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from raylane.testing.models import ReferenceSampler, make_dataset
-
-QUIET: Mapping[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
-"""Trainer flags that keep a test's output to what matters."""
+from raylane.testing.trainers import QUIET
 
 VALIDATION_SAMPLES = 32
 

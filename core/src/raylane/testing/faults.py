@@ -29,8 +29,22 @@ def worker_pid(rank: int, timeout_s: float = 60.0) -> int:
     raise TimeoutError(f"no raylane worker with rank {rank} started within {timeout_s:g} s")
 
 
-def signal_worker(rank: int, signal_number: int, timeout_s: float = 60.0) -> int:
-    """Send ``signal_number`` to the worker process with this rank; return its pid."""
+def wait_for_file(path: str | os.PathLike[str], timeout_s: float = 120.0) -> None:
+    """Wait until ``path`` exists: a marker a model writes once training has started (``fail_once_marker``,
+    ``report_dir``), so a fault lands in training rather than during the workers' start-up."""
+    deadline = time.monotonic() + timeout_s
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout_s:g} s")
+        time.sleep(0.05)
+
+
+def signal_worker(
+    rank: int, signal_number: int, timeout_s: float = 60.0, after: str | os.PathLike[str] | None = None
+) -> int:
+    """Send ``signal_number`` to the worker process with this rank, once the file ``after`` exists; return its pid."""
+    if after is not None:
+        wait_for_file(after, timeout_s=max(timeout_s, 120.0))
     pid = worker_pid(rank, timeout_s)
     os.kill(pid, signal_number)
     return pid

@@ -75,10 +75,11 @@ class ClassifierModel(pl.LightningModule):
                     "env_rank": os.environ.get("RANK"),
                     "sampler_replicas": getattr(sampler, "num_replicas", None),
                     "sampler_rank": getattr(sampler, "rank", None),
-                    "initial_weight_sum": float(self.layer.weight.double().sum()),
+                    "initial_weight_sum": float(_whole(self.layer.weight).double().sum()),
                     "device": str(self.device),
                     "pid": os.getpid(),
                     "node_id": _ray_node_id(),
+                    "process_group_from_backend": _process_group_from_backend(),
                     "env": {name: os.environ.get(name) for name in self.hparams.report_env},
                 },
             )
@@ -126,6 +127,19 @@ class ClassifierModel(pl.LightningModule):
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, also where a sharding backend keeps only this rank's shard of it (a DTensor, which every rank
+    gathers together)."""
+    gather = getattr(tensor, "full_tensor", None)
+    return gather() if callable(gather) else tensor
+
+
+def _process_group_from_backend() -> bool:
+    from raylane.torch_distributed import group_in_use_is_the_backends
+
+    return group_in_use_is_the_backends()
 
 
 def _ray_node_id() -> str | None:

@@ -1,0 +1,117 @@
+"""ZeRO training on CPU workers against one plain Lightning process, and DeepSpeed's checkpoint directories.
+
+Stage 2 (the default) is compared with one process, with SGD and Adam, by the conformance suite; here stage 3 with
+both, stage 1 with Adam (SGD keeps no optimizer state to shard), and ZeRO-3 with optimizer and parameter offload, all
+trained as users train (a validation loader and the default sanity check). Then a ZeRO-3 checkpoint: what reaches
+the driver, and a resume from it that lands on the weights of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+from raylane import ConfigurationError, get_strategy
+from raylane.testing import ClassifierModel, ensure_local_ray, make_dataset
+from raylane.testing.equivalence import (
+    QUIET,
+    assert_same_weights,
+    distributed_loader,
+    fit_distributed,
+    fit_one_process,
+    validation_loader,
+)
+from raylane_deepspeed.checkpoints import consolidated_state_dict
+
+pytestmark = pytest.mark.timeout(600)
+
+WORKERS = 2
+GLOBAL_BATCH = 32
+SAMPLES = 128
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _ray() -> None:
+    ensure_local_ray()
+
+
+def ray_trainer(root: Path, options: dict[str, Any], **flags: Any) -> pl.Trainer:
+    strategy = get_strategy("deepspeed", workers=WORKERS, idle_timeout=0, **options)  # the next fit needs the CPUs
+    defaults = {"max_epochs": 2, "default_root_dir": str(root), "enable_checkpointing": False, **QUIET}
+    return pl.Trainer(strategy=strategy, **{**defaults, **flags})
+
+
+@pytest.mark.parametrize(
+    ("options", "optimizer"),
+    [
+        ({"stage": 1}, "adam"),
+        ({"stage": 3}, "sgd"),
+        ({"stage": 3}, "adam"),
+        ({"stage": 3, "offload_optimizer": True, "offload_parameters": True}, "adam"),
+    ],
+    ids=["zero1-adam", "zero3-sgd", "zero3-adam", "zero3-offload-adam"],
+)
+def test_same_weights_as_one_process(tmp_path: Path, options: dict[str, Any], optimizer: str) -> None:
+    torch.manual_seed(5)
+    distributed = ClassifierModel(optimizer=optimizer, report_dir=str(tmp_path), report_env=("DS_ACCELERATOR",))
+    single = ClassifierModel(optimizer=optimizer)
+    single.load_state_dict(distributed.state_dict())
+    dataset = make_dataset(samples=SAMPLES)
+    actual = fit_distributed(ray_trainer(tmp_path, options), distributed, dataset, GLOBAL_BATCH)
+    expected = fit_one_process(single, dataset, GLOBAL_BATCH, max_epochs=2)
+    assert_same_weights(actual, expected, atol=TOLERANCE, what=f"deepspeed {options}, {optimizer}")
+    reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("fit-rank*.json"))]
+    assert [r["env"]["DS_ACCELERATOR"] for r in reports] == ["cpu"] * WORKERS, "DeepSpeed's CPU accelerator"
+
+
+def test_zero3_checkpoints_reach_the_driver_and_resume(tmp_path: Path) -> None:
+    torch.manual_seed(9)
+    interrupted = ClassifierModel(optimizer="adam")
+    initial = {name: value.clone() for name, value in interrupted.state_dict().items()}
+    dataset = make_dataset(samples=SAMPLES)
+    every_epoch = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="{epoch}", save_top_k=-1)
+    trainer = ray_trainer(tmp_path / "a", {"stage": 3}, enable_checkpointing=True, callbacks=[every_epoch])
+    two_epochs = fit_distributed(trainer, interrupted, dataset, GLOBAL_BATCH)
+
+    # One directory per checkpoint: the optimizer and weight shards of every rank, under Lightning's tag.
+    directory = Path(trainer.checkpoint_callback.best_model_path)  # type: ignore[union-attr]
+    assert directory == tmp_path / "ckpt" / "epoch=1.ckpt" and directory.is_dir()
+    shards = sorted(p.name for p in (directory / "checkpoint").iterdir())
+    assert sum("optim_states" in name for name in shards) == WORKERS, shards
+    assert_same_weights(consolidated_state_dict(directory), two_epochs, atol=0, what="ZeRO-3 checkpoint")
+
+    # One file a plain Lightning process loads, from DeepSpeed's directory (Lightning's converter).
+    single_file = tmp_path / "consolidated.ckpt"
+    convert_zero_checkpoint_to_fp32_state_dict(str(directory), str(single_file))
+    plain = ClassifierModel.load_from_checkpoint(single_file, optimizer="adam")
+    assert_same_weights(plain.state_dict(), two_epochs, atol=0, what="consolidated single file")
+
+    # trainer.save_checkpoint on the driver writes one plain file: the weights, without the workers' optimizer state.
+    with pytest.warns(UserWarning, match="no optimizer"):
+        trainer.save_checkpoint(tmp_path / "driver.ckpt")
+    from_driver = ClassifierModel.load_from_checkpoint(tmp_path / "driver.ckpt", optimizer="adam")
+    assert_same_weights(from_driver.state_dict(), two_epochs, atol=0, what="driver-side save_checkpoint")
+
+    # Resuming from epoch 1's directory restores Adam's state: epochs 2-3 land where four uninterrupted epochs do.
+    resumed = ClassifierModel(optimizer="adam")
+    resumed.load_state_dict(initial)  # the weights must come from the checkpoint
+    trainer = ray_trainer(tmp_path / "b", {"stage": 3}, max_epochs=4)
+    after_resume = fit_distributed(trainer, resumed, dataset, GLOBAL_BATCH, ckpt_path=str(directory))
+    uninterrupted = ClassifierModel(optimizer="adam")
+    uninterrupted.load_state_dict(initial)
+    expected = fit_one_process(uninterrupted, dataset, GLOBAL_BATCH, max_epochs=4)
+    assert_same_weights(after_resume, expected, atol=TOLERANCE, what="ZeRO-3 resumed from its directory")
+
+
+def test_clipping_by_value_is_rejected_before_any_actor_starts(tmp_path: Path) -> None:
+    trainer = ray_trainer(tmp_path, {}, gradient_clip_val=1.0, gradient_clip_algorithm="value")
+    with pytest.raises(ConfigurationError, match="clips gradients by norm only"):
+        trainer.fit(ClassifierModel(), distributed_loader(make_dataset(), GLOBAL_BATCH, WORKERS), validation_loader())

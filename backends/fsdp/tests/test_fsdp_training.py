@@ -1,0 +1,306 @@
+"""FSDP training against one plain Lightning process, and checkpoints resumed on other worker counts.
+
+Every run trains the way users do: with a validation loader and Lightning's default sanity check. The references are
+single processes that see the union of the workers' batches (``ReferenceSampler``). Module-scoped fixtures run each
+fit once:
+
+- ``adam_runs``: 2 workers for 4 epochs with a sharded checkpoint every epoch; 1 worker resuming from the 2-worker
+  sharded checkpoint after epoch 2 (2 -> 1, writing a consolidated ``state_dict_type="full"`` file); 2 workers
+  resuming from that file after epoch 3 (1 -> 2). Adam with a step LR schedule and gradient clipping by norm, so a
+  resume must bring back the optimizer state and the learning rate, and clipping must see every rank's shard.
+- ``sgd_run``: 2 workers, SGD, with activation checkpointing on every Linear.
+- ``tensor_parallel_run``: 2 workers with ``tensor_parallel=2`` on a model whose ``configure_model`` applies torch's
+  ``parallelize_module`` (column- then row-wise Linear layers); the strategy adds FSDP on the data-parallel dimension.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader
+
+from raylane import get_strategy
+from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset
+from raylane_fsdp.checkpoint import load_full_checkpoint
+
+pytestmark = pytest.mark.timeout(600)
+
+SAMPLES = 64
+GLOBAL_BATCH = 16
+EPOCHS = 4
+TOLERANCE = 1e-5
+CLIP = 0.5  # Adam runs clip gradients by norm: the norm must cover every rank's shard of the gradients
+QUIET: dict[str, Any] = {"enable_progress_bar": False, "enable_model_summary": False, "logger": False}
+# Small enough that the two hidden Linear layers each become their own FSDP unit (the root takes the last one).
+MIN_WRAP_PARAMS = 100
+
+
+class MLPClassifier(ClassifierModel):
+    """Three Linear layers; Adam with a learning rate that halves every epoch (``optimizer="adam"``)."""
+
+    def __init__(self, optimizer: str = "adam", **kwargs: Any) -> None:
+        super().__init__(optimizer=optimizer, lr=0.05, **kwargs)
+        self.layer = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def configure_optimizers(self) -> Any:
+        if self.hparams.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+        # eps well above float noise: Adam divides by sqrt(v) + eps, so with the default 1e-8 a gradient element near
+        # zero is amplified to a full-size step whose sign the summation order (all-reduce vs one process) decides.
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, eps=1e-4)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
+
+
+class TensorParallelClassifier(MLPClassifier):
+    """Applies tensor parallelism itself, as Lightning's ModelParallelStrategy documents; a plain Trainer has no
+    device mesh and trains it unchanged."""
+
+    def __init__(self) -> None:
+        super().__init__(optimizer="adam")
+        self.layer = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh
+        if mesh is None:
+            return
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(self.layer, mesh["tensor_parallel"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+
+
+class ShardReport(pl.Callback):
+    """Every rank writes how many parameter elements it holds locally, and its optimizer's learning rate."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        local = sum(getattr(p, "to_local", lambda p=p: p)().numel() for p in pl_module.parameters())
+        report = {"local_params": local, "lr": trainer.optimizers[0].param_groups[0]["lr"]}
+        (Path(self.directory) / f"shards-rank{trainer.global_rank}.json").write_text(json.dumps(report))
+
+
+class SaveAtEpochEnd(pl.Callback):
+    """``trainer.save_checkpoint`` on every rank at the end of the given epochs (saving is a collective)."""
+
+    def __init__(self, paths: dict[int, str]) -> None:
+        self.paths = paths
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch in self.paths:
+            trainer.save_checkpoint(self.paths[trainer.current_epoch])
+
+
+def distributed_loader(workers: int) -> DataLoader:
+    return DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH // workers)
+
+
+def reference_loader() -> DataLoader:
+    return DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH, sampler=ReferenceSampler(SAMPLES))
+
+
+def val_loader() -> DataLoader:
+    return DataLoader(make_dataset(samples=32, seed=1), batch_size=8)
+
+
+def plain_fit(model: pl.LightningModule, epochs: int, directory: Path | None = None, **flags: Any) -> None:
+    callbacks = [ModelCheckpoint(dirpath=str(directory), filename="{epoch}", save_top_k=-1)] if directory else []
+    flags = {"callbacks": callbacks, "enable_checkpointing": bool(directory), **QUIET, **flags}
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, **flags)
+    trainer.fit(model, reference_loader(), val_loader())
+
+
+def fsdp_trainer(workers: int, root: Path, epochs: int = EPOCHS, **options: Any) -> pl.Trainer:
+    flags = {
+        key: options.pop(key) for key in ("callbacks", "enable_checkpointing", "gradient_clip_val") if key in options
+    }
+    # idle_timeout=0: no workers stay behind for the next test (a predict after fit starts its own).
+    strategy = get_strategy("fsdp", workers=workers, idle_timeout=0, min_wrap_params=MIN_WRAP_PARAMS, **options)
+    return pl.Trainer(strategy=strategy, default_root_dir=str(root), max_epochs=epochs, **QUIET, **flags)
+
+
+def weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert actual.keys() == expected.keys(), what
+    for name, value in expected.items():
+        assert actual[name].dtype == value.dtype and actual[name].shape == value.shape, f"{what}: {name}"
+        torch.testing.assert_close(
+            actual[name], value, atol=TOLERANCE, rtol=0, msg=lambda m, n=name: f"{what}: {n}: {m}"
+        )
+
+
+@pytest.fixture(scope="module")
+def initial() -> dict[str, dict[str, torch.Tensor]]:
+    torch.manual_seed(5)
+    return {"mlp": weights(MLPClassifier()), "tp": weights(TensorParallelClassifier())}
+
+
+def fresh(model_class: type[MLPClassifier], state: dict[str, torch.Tensor], **kwargs: Any) -> MLPClassifier:
+    model = model_class(**kwargs)
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adam_reference(initial: dict[str, dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process: checkpoints ``epoch=0.ckpt`` ... ``epoch=3.ckpt``."""
+    directory = tmp_path_factory.mktemp("reference-adam")
+    plain_fit(fresh(MLPClassifier, initial["mlp"]), EPOCHS, directory, gradient_clip_val=CLIP)
+    return directory
+
+
+@dataclass
+class AdamRuns:
+    two_workers: dict[str, torch.Tensor]
+    fewer_workers: dict[str, torch.Tensor]  # 1 worker from the 2-worker sharded checkpoint after epoch 2
+    more_workers: dict[str, torch.Tensor]  # 2 workers from the 1-worker consolidated file after epoch 3
+    best_model_path: Path
+    sharded_checkpoint: Path
+    full_checkpoint: Path
+    shard_reports: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def adam_runs(initial: dict[str, dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory) -> AdamRuns:
+    ensure_local_ray()
+    root = tmp_path_factory.mktemp("fsdp-adam")
+    two, one, two_again = root / "two", root / "one", root / "two-again"
+    for directory in (two, one, two_again):
+        directory.mkdir()
+
+    model = fresh(MLPClassifier, initial["mlp"])
+    every_epoch = ModelCheckpoint(dirpath=str(two), filename="{epoch}", save_top_k=-1)
+    trainer = fsdp_trainer(2, two, callbacks=[every_epoch, ShardReport(str(two))], gradient_clip_val=CLIP)
+    trainer.fit(model, distributed_loader(2), val_loader())
+    two_workers, best = weights(model), Path(trainer.checkpoint_callback.best_model_path)
+
+    model = fresh(MLPClassifier, initial["mlp"])  # the weights must come from the checkpoint
+    full = one / "epoch=2.ckpt"
+    trainer = fsdp_trainer(
+        1,
+        one,
+        state_dict_type="full",
+        callbacks=[SaveAtEpochEnd({2: str(full)})],
+        enable_checkpointing=False,
+        gradient_clip_val=CLIP,
+    )
+    trainer.fit(model, distributed_loader(1), val_loader(), ckpt_path=str(two / "epoch=1.ckpt"))
+    fewer_workers = weights(model)
+
+    model = fresh(MLPClassifier, initial["mlp"])
+    trainer = fsdp_trainer(2, two_again, enable_checkpointing=False, gradient_clip_val=CLIP)
+    trainer.fit(model, distributed_loader(2), val_loader(), ckpt_path=str(full))
+    more_workers = weights(model)
+
+    reports = [json.loads((two / f"shards-rank{rank}.json").read_text()) for rank in range(2)]
+    return AdamRuns(two_workers, fewer_workers, more_workers, best, two / "epoch=1.ckpt", full, reports)
+
+
+def final_weights(reference: Path) -> dict[str, torch.Tensor]:
+    return torch.load(reference / f"epoch={EPOCHS - 1}.ckpt", weights_only=False)["state_dict"]  # type: ignore[no-any-return]
+
+
+def test_adam_on_two_workers_matches_one_process(adam_runs: AdamRuns, adam_reference: Path) -> None:
+    assert_same_weights(adam_runs.two_workers, final_weights(adam_reference), "2 workers")
+
+
+def test_each_worker_holds_half_of_the_parameters(adam_runs: AdamRuns, adam_reference: Path) -> None:
+    total = sum(value.numel() for value in final_weights(adam_reference).values())
+    held = [report["local_params"] for report in adam_runs.shard_reports]
+    assert sum(held) == total and max(held) <= total // 2 + 16, f"shards of {total} parameters: {held}"
+    assert [report["lr"] for report in adam_runs.shard_reports] == pytest.approx([0.05 * 0.5**EPOCHS] * 2)
+
+
+def test_sharded_checkpoint_is_a_directory_of_shards_matching_one_process(
+    adam_runs: AdamRuns, adam_reference: Path
+) -> None:
+    path = adam_runs.sharded_checkpoint
+    assert sorted(p.name for p in path.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    saved = load_full_checkpoint(path)
+    expected = torch.load(adam_reference / "epoch=1.ckpt", weights_only=False)
+    assert_same_weights(saved["state_dict"], expected["state_dict"], "sharded checkpoint after epoch 2")
+    assert saved["epoch"] == 1 and saved["lr_schedulers"][0]["last_epoch"] == 2
+    # The driver sees the checkpoint callback's paths, and the directory's files are there.
+    assert adam_runs.best_model_path.is_dir() and (adam_runs.best_model_path / "meta.pt").is_file()
+
+
+def test_resume_on_fewer_workers_from_a_sharded_checkpoint(adam_runs: AdamRuns, adam_reference: Path) -> None:
+    assert_same_weights(adam_runs.fewer_workers, final_weights(adam_reference), "2 -> 1 workers (sharded checkpoint)")
+
+
+def test_resume_on_more_workers_from_a_full_checkpoint(adam_runs: AdamRuns, adam_reference: Path) -> None:
+    assert_same_weights(adam_runs.more_workers, final_weights(adam_reference), "1 -> 2 workers (full checkpoint)")
+
+
+def test_full_checkpoint_is_one_file_like_a_plain_process_writes(adam_runs: AdamRuns, adam_reference: Path) -> None:
+    saved = torch.load(adam_runs.full_checkpoint, weights_only=False)
+    expected = torch.load(adam_reference / "epoch=2.ckpt", weights_only=False)
+    assert_same_weights(saved["state_dict"], expected["state_dict"], "full checkpoint after epoch 3")
+    [optimizer], [expected_optimizer] = saved["optimizer_states"], expected["optimizer_states"]
+    assert sorted(optimizer["state"]) == sorted(expected_optimizer["state"])
+    for index, state in expected_optimizer["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(optimizer["state"][index][key], state[key], atol=TOLERANCE, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def sgd_run(initial: dict[str, dict[str, torch.Tensor]], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    ensure_local_ray()
+    model = fresh(MLPClassifier, initial["mlp"], optimizer="sgd")
+    root = tmp_path_factory.mktemp("fsdp-sgd")
+    trainer = fsdp_trainer(2, root, epochs=2, activation_checkpointing=nn.Linear, enable_checkpointing=False)
+    trainer.fit(model, distributed_loader(2), val_loader())
+    fitted = weights(model)
+    # 65 samples in batches of 8: rank 0 gets 33 samples (5 batches), rank 1 gets 32 (4 batches).
+    predictions = trainer.predict(model, predict_loader())
+    reference = fresh(MLPClassifier, initial["mlp"], optimizer="sgd")
+    plain_fit(reference, 2)
+    return {"fsdp": fitted, "reference": weights(reference), "predictions": predictions, "reference_model": reference}
+
+
+def predict_loader() -> DataLoader:
+    return DataLoader(make_dataset(samples=65, seed=2), batch_size=8)
+
+
+def expected_predictions(model: nn.Module) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(inputs) for inputs, _ in predict_loader()]
+
+
+def assert_same_predictions(actual: list[torch.Tensor], expected: list[torch.Tensor]) -> None:
+    assert [p.shape for p in actual] == [e.shape for e in expected], "every sample once, in batches of 8"
+    torch.testing.assert_close(torch.cat(actual), torch.cat(expected), atol=1e-4, rtol=0)
+
+
+def test_sgd_with_activation_checkpointing_matches_one_process(sgd_run: dict[str, Any]) -> None:
+    assert_same_weights(sgd_run["fsdp"], sgd_run["reference"], "SGD, 2 workers, activation checkpointing")
+
+
+def test_predict_with_a_batch_more_on_one_rank_returns_every_sample_in_order(sgd_run: dict[str, Any]) -> None:
+    assert_same_predictions(sgd_run["predictions"], expected_predictions(sgd_run["reference_model"]))
+
+
+def test_tensor_parallel_trains_and_predicts_like_one_process(
+    initial: dict[str, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    ensure_local_ray()
+    model = fresh(TensorParallelClassifier, initial["tp"])
+    trainer = fsdp_trainer(2, tmp_path, epochs=2, tensor_parallel=2, enable_checkpointing=False)
+    trainer.fit(model, DataLoader(make_dataset(samples=SAMPLES), batch_size=GLOBAL_BATCH), val_loader())
+    fitted = weights(model)
+    predictions = trainer.predict(model, predict_loader())  # both ranks predict every sample; one reports it
+    reference = fresh(TensorParallelClassifier, initial["tp"])
+    plain_fit(reference, 2)  # tensor-parallel ranks share batches: the reference batch is one rank's
+    assert_same_weights(fitted, weights(reference), "tensor_parallel=2")
+    assert_same_predictions(predictions, expected_predictions(reference))
