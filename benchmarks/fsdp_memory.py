@@ -27,60 +27,12 @@ from typing import Any
 import pytorch_lightning as pl
 import ray
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from memory_workload import QUIET, SyntheticData, WideMLP
 
 from raylane import get_strategy
 
 BACKENDS = ("ddp", "fsdp")
 FIGURES = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_rss_bytes", "loop_s")
-QUIET: dict[str, Any] = {
-    "enable_progress_bar": False,
-    "enable_checkpointing": False,
-    "logger": False,
-    "enable_model_summary": False,
-}
-
-
-class WideMLP(pl.LightningModule):
-    """``layers`` square linear layers of ``width`` (each about width^2 parameters, one FSDP unit each) and a head."""
-
-    def __init__(self, width: int, layers: int, classes: int = 10, lr: float = 1e-4) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        blocks: list[nn.Module] = []
-        for _ in range(layers):
-            blocks += [nn.Linear(width, width), nn.ReLU()]
-        self.body = nn.Sequential(*blocks)
-        self.head = nn.Linear(width, classes)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(inputs))
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        inputs, targets = batch
-        loss = nn.functional.cross_entropy(self(inputs), targets)
-        self.log("train_loss", loss)
-        return loss
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
-
-
-class SyntheticData(pl.LightningDataModule):
-    """Generated on every worker from the same seed, so no configuration pays for shipping data."""
-
-    def __init__(self, samples: int, width: int, batch_per_worker: int) -> None:
-        super().__init__()
-        self.samples, self.width, self.batch_per_worker = samples, width, batch_per_worker
-
-    def setup(self, stage: str) -> None:
-        generator = torch.Generator().manual_seed(0)
-        inputs = torch.randn(self.samples, self.width, generator=generator)
-        self.train_set = TensorDataset(inputs, torch.randint(0, 10, (self.samples,), generator=generator))
-
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_per_worker, shuffle=True)
 
 
 def local_bytes(tensors: Iterable[Any]) -> int:

@@ -1,5 +1,6 @@
 """Where ``trainer.fit()`` spends its time before every worker's first optimizer step, against Lightning's
-``ddp_spawn`` and Ray Train, and what a ``test()`` after ``fit()`` adds when the workers stay warm.
+``ddp_spawn`` and Ray Train, what a ``test()`` after ``fit()`` adds when the workers stay warm, and what the fit of a
+later Trainer of the same driver costs (it trains on the earlier Trainer's idle workers).
 
     python benchmarks/startup.py --repeats 5 [--without-ray-train] [--json startup.json]
 
@@ -28,6 +29,7 @@ from compare_ddp_timer import TEST_LOOP_S, measured
 from compare_ddp_workload import PROCESSES, Workload
 
 WARM_IDLE_TIMEOUT_S = 60.0
+LATER_TRAINER = "raylane_later_trainer"  # a second Trainer's fit, right after a first one's, on its idle workers
 # Start-up phases of a raylane fit, in order: (label, where the mark comes from, its name). "workers" marks are the
 # latest over the ranks: a phase ends when every worker has passed it.
 PHASES = (
@@ -61,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = Workload(samples=args.samples, epochs=1, batch_size=256, hidden=args.hidden)
-    configs = ["ddp_spawn", "raylane"]
+    configs = ["ddp_spawn", "raylane", LATER_TRAINER]
     if not args.without_ray_train:
         try:
             compare_ddp_ray_train.check_available()
@@ -83,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif config == "raylane":
                     result, run_phases = fit_raylane(workload)
                     phases.append(run_phases)
+                elif config == LATER_TRAINER:
+                    result = fit_a_later_trainer(workload)
                 else:
                     result = compare_ddp_lightning.run(config, workload)
                 fits[config].append(result)
@@ -125,6 +129,23 @@ def fit_raylane(workload: Workload) -> tuple[RunResult, dict[str, float]]:
     }
     phases = {label: sources[source][name] - started_at for label, source, name in PHASES if name in sources[source]}
     return RunResult.from_metrics(fit_s, metrics, started_at), phases
+
+
+def fit_a_later_trainer(workload: Workload) -> RunResult:
+    """A second Trainer's fit (a re-run notebook cell) right after a first one's: it trains on the idle workers."""
+    first, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
+    try:
+        first.fit(model, datamodule=data)
+        second, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
+        started_at, start = time.time(), time.perf_counter()
+        try:
+            second.fit(model, datamodule=data)
+            fit_s = time.perf_counter() - start
+        finally:
+            compare_ddp_lightning.release_workers(second)
+    finally:
+        compare_ddp_lightning.release_workers(first)
+    return RunResult.from_metrics(fit_s, measured(second.callback_metrics), started_at)
 
 
 def test_after_fit(workload: Workload, idle_timeout: float) -> float:

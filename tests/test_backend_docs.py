@@ -3,7 +3,6 @@ code blocks (a distribution with its entry point), it trains on two workers with
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from raylane.testing import env_without_ray_address
+from raylane.testing import env_without_ray_address, printed_report
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "backends.md"
 
@@ -75,9 +74,8 @@ def test_the_minimal_backend_from_the_page_trains_with_its_own_process_group(tmp
     done = subprocess.run(
         [sys.executable, "-c", FIT], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=220
     )
-    reports = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-    assert done.returncode == 0 and reports, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    report = json.loads(reports[-1].removeprefix("REPORT "))
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    report = printed_report(done.stdout)
     assert "mine" in report["backends"]
     assert report["world_size"] == [2, 2] and report["global_step"] == 4
     assert report["group_from_backend"] == [True, True], "the page's setup hook must make the process group in use"

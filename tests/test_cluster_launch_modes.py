@@ -13,7 +13,6 @@ must all be where the driver looks for them.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -30,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from raylane.testing import env_without_ray_address, free_port
+from raylane.testing import env_without_ray_address, free_port, printed_report
 from tests.cluster_driver import RESULT_PREFIX
 
 pytestmark = pytest.mark.timeout(240)
@@ -140,9 +139,7 @@ def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Compl
 
 
 def _result(output: str) -> dict[str, Any]:
-    lines = [line for line in output.splitlines() if line.startswith(RESULT_PREFIX)]
-    assert len(lines) == 1, f"no result line in:\n{output[-3000:]}"
-    return json.loads(lines[0][len(RESULT_PREFIX) :])
+    return printed_report(output, RESULT_PREFIX)
 
 
 def _assert_trained(result: dict[str, Any], driver_cwd: Path) -> None:

@@ -7,7 +7,6 @@ would then have to say which one it means).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+from raylane.testing import printed_report
 
 SCRIPTS = Path(__file__).parent / "lightning_scripts"
 NAMESPACES = ["pytorch_lightning", "lightning.pytorch"]
@@ -26,9 +27,8 @@ def run_script(script: str, *args: str, cwd: Path) -> dict:
     done = subprocess.run(
         [sys.executable, str(SCRIPTS / script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=240
     )
-    reports = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-    assert done.returncode == 0 and reports, f"{script} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
-    return json.loads(reports[-1].removeprefix("REPORT "))
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-4000:]}\n{done.stderr[-6000:]}"
+    return printed_report(done.stdout)
 
 
 @pytest.mark.timeout(300)

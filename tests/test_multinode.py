@@ -15,6 +15,7 @@ from raylane.group import WorkerGroup
 from raylane.options import LaunchOptions
 from raylane.registry import backend_host
 from raylane.testing import ClassifierModel, assert_released, make_loader, quiet_trainer
+from raylane.testing.cluster import local_cluster
 from tests.conftest import read_reports
 
 pytestmark = pytest.mark.timeout(300)
@@ -23,15 +24,9 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """A driver-only head node plus two worker nodes (2 CPUs and 1 CPU; fake GPUs on the first)."""
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    cluster.add_node(num_cpus=2, num_gpus=2, resources={"big_node": 1})
-    cluster.add_node(num_cpus=1, num_gpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    nodes = [{"num_cpus": 2, "num_gpus": 2, "resources": {"big_node": 1}}, {"num_cpus": 1, "num_gpus": 1}]
+    with local_cluster(nodes=nodes) as cluster:
+        yield cluster
 
 
 def test_ranks_follow_nodes_with_uneven_workers_per_node(cluster: Cluster, tmp_path: Path) -> None:

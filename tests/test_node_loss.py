@@ -18,6 +18,7 @@ from ray.cluster_utils import Cluster
 
 from raylane import WorkerError, get_strategy
 from raylane.testing import ClassifierModel, assert_released, make_loader, quiet_trainer, worker_pid
+from raylane.testing.cluster import local_cluster
 from raylane.testing.faults import wait_for_file
 from raylane.testing.s3 import S3Server
 
@@ -27,15 +28,8 @@ pytestmark = pytest.mark.timeout(240)
 @pytest.fixture
 def cluster() -> Iterator[Cluster]:
     """A driver-only head and two one-CPU worker nodes, one of which the test takes away."""
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    for _ in range(2):
-        cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with local_cluster(nodes=[{"num_cpus": 1}, {"num_cpus": 1}]) as cluster:
+        yield cluster
 
 
 def _remove_node_of_rank(

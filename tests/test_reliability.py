@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import ray
-from ray.cluster_utils import Cluster
 
 from raylane import WorkerError, get_strategy
 from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader, quiet_trainer
+from raylane.testing.cluster import local_cluster
 from raylane.testing.ray_state import listening_tcp_ports, live_raylane_actors, live_raylane_placement_groups
 
 
@@ -36,12 +36,8 @@ def _trainer(root: Path, **flags: object) -> pl.Trainer:
 @pytest.fixture
 def shared_cluster() -> Iterator[str]:
     """A Ray cluster that outlives the driver under test, so leftovers would be visible."""
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 4})
-    ray.init(address=cluster.address)
-    yield cluster.address
-    ray.shutdown()
-    cluster.shutdown()
+    with local_cluster(head_cpus=4) as cluster:
+        yield cluster.address
 
 
 @pytest.mark.timeout(330)

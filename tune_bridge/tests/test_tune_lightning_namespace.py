@@ -4,12 +4,13 @@ Lightning the Trainer comes from)."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from raylane.testing import printed_report
 
 SCRIPT = Path(__file__).parent / "scripts" / "lightning_pytorch_trial.py"
 
@@ -23,9 +24,8 @@ def test_a_lightning_pytorch_trial_reports_each_epoch_without_naming_its_lightni
         text=True,
         timeout=280,
     )
-    reports = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
-    assert done.returncode == 0 and reports, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    report = json.loads(reports[-1].removeprefix("REPORT "))
+    assert done.returncode == 0, f"{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    report = printed_report(done.stdout)
     assert report["error"] == "None"
     assert report["iterations"] == [1, 2], "one report per epoch, from rank 0 of the 2 workers"
     assert report["namespaces"] == ["lightning.pytorch"]

@@ -149,7 +149,6 @@ class RayLauncher:
         group = next((g for g in (other._hand_over_if_idle(host.backend, options) for other in others) if g), None)
         if group is not None:
             group.serve(host, options, self._strategy.backend_options)
-            rank_zero_info(f"raylane: {options.workers} idle worker(s) of an earlier Trainer run this one.")
         else:
             # Warm workers never block new work: idle groups of this driver's other Trainers make room first.
             for launcher in others:
@@ -157,9 +156,10 @@ class RayLauncher:
             group = WorkerGroup(host, options, self._strategy.backend_options)
         self._group = group
         self._finalizer = weakref.finalize(self, group.shutdown)
-        if not group.actors:
+        reused = bool(group.actors)
+        if not reused:
             group.start()
-            _log_start(group)
+        _log_start(group, reused)
         return group
 
     def _hand_over_if_idle(self, backend: str, options: LaunchOptions) -> WorkerGroup | None:
@@ -261,7 +261,7 @@ def _fix_logger_versions(trainer: pl.Trainer) -> None:
         _ = logger.version
 
 
-def _log_start(group: WorkerGroup) -> None:
+def _log_start(group: WorkerGroup, reused: bool) -> None:
     options = group.options
     per_node: dict[str, int] = {}
     for context in group.contexts:
@@ -273,5 +273,7 @@ def _log_start(group: WorkerGroup) -> None:
     rank_zero_info(
         f"raylane: {group.host.backend} backend, {options.workers} worker(s) on {nodes} node(s) ({where}), placement "
         f"{options.placement_strategy}; {options.cpus_per_worker:g} CPU and {options.gpus:g} GPU per worker, devices "
-        f"{devices}; " + (f"Ray dashboard {dashboard}" if dashboard else "no Ray dashboard")
+        f"{devices}; "
+        + (f"Ray dashboard {dashboard}" if dashboard else "no Ray dashboard")
+        + ("; the idle workers of an earlier Trainer, reused" if reused else "")
     )

@@ -55,6 +55,9 @@ class RayHorovodStrategy(RayStrategyMixin, lightning_base="ParallelStrategy"):
 
     backend_name: ClassVar[str] = "horovod"
     strategy_name = "ray_horovod"
+    # Lightning hands Trainer(num_nodes=...) only to strategies that have the attribute, and reads it back as
+    # trainer.num_nodes, which raylane rejects when it is not 1 (Ray decides where the workers go).
+    num_nodes: int = 1
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
         horovod_options = self.init_ray_options({"workers": workers, **options})

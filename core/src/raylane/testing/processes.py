@@ -1,4 +1,5 @@
-"""Helpers for tests that start processes of their own: a free TCP port, and a driver's environment.
+"""Helpers for tests that start processes of their own: a free TCP port, a driver's environment, and the report a
+script prints.
 
 A test that runs a driver script in a subprocess must not hand it the ``RAY_ADDRESS`` of the test process's Ray (or of
 the shell it ran in): the script would join that cluster instead of starting the local Ray a user's script gets.
@@ -6,9 +7,11 @@ the shell it ran in): the script would join that cluster instead of starting the
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Mapping
+from typing import Any
 
 
 def free_port() -> int:
@@ -24,3 +27,13 @@ def env_without_ray_address(extra: Mapping[str, str] | None = None) -> dict[str,
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     env.update(extra or {})
     return env
+
+
+def printed_report(output: str, prefix: str = "REPORT ") -> dict[str, Any]:
+    """The JSON a script printed last on a line starting with ``prefix``; fails, showing the output's end, without one.
+
+    Scripts run by tests print one such line with what they saw, so a test asserts on data instead of on log text.
+    """
+    reports = [line for line in output.splitlines() if line.startswith(prefix)]
+    assert reports, f"no {prefix.strip()!r} line in the output:\n{output[-4000:]}"
+    return json.loads(reports[-1][len(prefix) :])  # type: ignore[no-any-return]
