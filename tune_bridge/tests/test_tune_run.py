@@ -48,6 +48,9 @@ def test_tune_run_resumes_a_failed_trial_from_its_tune_checkpoint(local_ray: Non
         ("train_epoch", 1),
         ("validation", 1),
     ]
-    assert [entry["error"].split(":")[0] for entry in record if entry["event"] == "failed"] == ["WorkerError"]
+    # The worker raised a RuntimeError: the driver's error is both a WorkerError and a RuntimeError, as Ray's are.
+    assert [entry["error"].split(":")[0] for entry in record if entry["event"] == "failed"] == [
+        "WorkerError(RuntimeError)"
+    ]
     assert analysis.best_checkpoint is not None
     assert_released()
