@@ -67,7 +67,7 @@ class RayLauncher:
         options = self._strategy.launch_options
         check_trainer_flags(trainer, options.workers)
         self._strategy.check_before_launch(trainer)
-        shards.check_entry_point_data(args, kwargs)  # a bare ray.data.Dataset fails here, on the driver
+        streams_ray_data = shards.check_entry_point_data(args, kwargs)  # a bare ray.data.Dataset fails here
         ensure_ray(options.workers * options.cpus_per_worker)
         host = backend_host(self._strategy.backend_name)
         _fix_logger_versions(trainer)
@@ -75,7 +75,7 @@ class RayLauncher:
         restarts = 0
         while True:
             try:
-                return self._launch_once(host, trainer, function, args, kwargs)
+                return self._launch_once(host, trainer, function, args, kwargs, streams_ray_data)
             except WorkerError as failure:
                 if trainer.state.fn != _lightning.FITTING or restarts >= options.max_failures:
                     raise
@@ -98,7 +98,13 @@ class RayLauncher:
                 args, kwargs = _lightning.with_ckpt_path(function, args, kwargs, self.last_checkpoint)
 
     def _launch_once(
-        self, host: BackendHost, trainer: pl.Trainer, function: Callable[..., Any], args: Any, kwargs: Any
+        self,
+        host: BackendHost,
+        trainer: pl.Trainer,
+        function: Callable[..., Any],
+        args: Any,
+        kwargs: Any,
+        streams_ray_data: bool,
     ) -> Any:
         marks = {"launch": time.time()}
         # Ray Datasets are split afresh for each attempt; the payload holds the split until this entry point ends.
@@ -135,7 +141,7 @@ class RayLauncher:
                 [o.predictions or [] for o in reporting],
                 [o.batch_indices or [] for o in reporting],
                 outputs[0].batch_sizes or [],
-                in_dataset_order=not shards.check_entry_point_data(args, kwargs),
+                in_dataset_order=not streams_ray_data,  # Ray Data shards have no sample indices
             )
         return rank_zero.results
 
