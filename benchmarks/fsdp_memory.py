@@ -4,9 +4,9 @@
 
 Per worker: the bytes of parameters, of gradients (when the optimizer steps) and of optimizer state it holds (its
 shard under FSDP: the local part of each DTensor), and its peak RSS (``ru_maxrss``). Per run: training throughput
-(samples/s over rank 0's training loop, start-up excluded). Each rank all-gathers its figures at the end of fit and
-rank 0 logs them as metrics, which raylane brings back to the driver. The target for FSDP is at most 1/N + 10% of
-ddp's parameter + gradient + optimizer-state bytes per worker at N = 2 and 4. Needs raylane-ddp and raylane-fsdp.
+(samples/s over rank 0's training loop, start-up excluded). The measurement and the report are
+``memory_workload``'s, shared with the other memory benchmarks. The target for FSDP is at most 1/N + 10% of ddp's
+parameter + gradient + optimizer-state bytes per worker at N = 2 and 4. Needs raylane-ddp and raylane-fsdp.
 """
 
 from __future__ import annotations
@@ -14,68 +14,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import resource
 import sys
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import pytorch_lightning as pl
 import ray
-import torch
-from memory_workload import QUIET, SyntheticData, WideMLP
+from memory_workload import SyntheticData, WideMLP, fit_and_measure, format_table, machine, parameter_count, summarise
 
 from raylane import get_strategy
 
 BACKENDS = ("ddp", "fsdp")
-FIGURES = ("param_bytes", "grad_bytes", "optimizer_state_bytes", "peak_rss_bytes", "loop_s")
-
-
-def local_bytes(tensors: Iterable[Any]) -> int:
-    """Bytes this process holds of these tensors: a DTensor's local shard, a plain tensor whole."""
-    total = 0
-    for tensor in tensors:
-        if isinstance(tensor, torch.Tensor):
-            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-            total += local.numel() * local.element_size()
-    return total
-
-
-class WorkerFigures(pl.Callback):
-    """Measures each rank and relays every rank's figures through rank 0's ``callback_metrics``."""
-
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.grad_bytes = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = time.perf_counter()
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        held = local_bytes(p.grad for p in pl_module.parameters() if p.grad is not None)
-        self.grad_bytes = max(self.grad_bytes, held)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loop_s = time.perf_counter() - self.start
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        state = trainer.optimizers[0].state
-        mine = [
-            local_bytes(pl_module.parameters()),
-            self.grad_bytes,
-            local_bytes(value for param_state in state.values() for value in param_state.values()),
-            peak_rss,
-            loop_s,
-        ]
-        every_rank = trainer.strategy.all_gather(torch.tensor(mine, dtype=torch.float64)).reshape(-1, len(FIGURES))
-        for rank, figures in enumerate(every_rank):
-            for name, value in zip(FIGURES, figures):
-                trainer.callback_metrics[f"bench/rank{rank}/{name}"] = value
 
 
 def run_once(backend: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -84,69 +34,9 @@ def run_once(backend: str, workers: int, args: argparse.Namespace) -> dict[str, 
     data = SyntheticData(args.samples, args.width, args.batch_size // workers)
     # Fractional CPUs when the workers outnumber the cores, so 4 workers fit a 2-core machine.
     cpus = min(1.0, ray.cluster_resources()["CPU"] / workers)
-    trainer = pl.Trainer(
-        # idle_timeout=0: the workers stop after fit, so the next run starts (and measures) fresh processes.
-        strategy=get_strategy(backend, workers=workers, cpus_per_worker=cpus, idle_timeout=0),
-        max_epochs=1,
-        callbacks=[WorkerFigures()],
-        **QUIET,
-    )
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_s = time.perf_counter() - started
-    metrics = trainer.callback_metrics
-    ranks = [{name: float(metrics[f"bench/rank{rank}/{name}"]) for name in FIGURES} for rank in range(workers)]
-    return {"fit_s": fit_s, "samples_per_s": args.samples / ranks[0]["loop_s"], "workers": ranks}
-
-
-def state_bytes(worker: dict[str, float]) -> float:
-    return worker["param_bytes"] + worker["grad_bytes"] + worker["optimizer_state_bytes"]
-
-
-def summarise(runs: dict[tuple[str, int], list[dict[str, Any]]]) -> dict[str, Any]:
-    configs: dict[str, Any] = {}
-    for (backend, workers), results in runs.items():
-        configs[f"{backend}/N={workers}"] = {
-            "backend": backend,
-            "workers": workers,
-            "samples_per_s": median(r["samples_per_s"] for r in results),
-            "ranks": [
-                {name: median(r["workers"][rank][name] for r in results) for name in FIGURES} for rank in range(workers)
-            ],
-        }
-    ratios = {}
-    for name, figures in configs.items():
-        base = configs.get(f"ddp/N={figures['workers']}")
-        if figures["backend"] == "ddp" or base is None:
-            continue
-        worst = max(state_bytes(rank) for rank in figures["ranks"])
-        base_worst = max(state_bytes(rank) for rank in base["ranks"])
-        ratios[name] = {
-            "state_bytes/ddp (worst worker)": worst / base_worst,
-            "target": 1 / figures["workers"] + 0.1 if figures["workers"] > 1 else 1.0,
-            "peak_rss/ddp (worst worker)": max(r["peak_rss_bytes"] for r in figures["ranks"])
-            / max(r["peak_rss_bytes"] for r in base["ranks"]),
-            "samples_per_s/ddp": figures["samples_per_s"] / base["samples_per_s"],
-        }
-    return {"configs": configs, "ratios": ratios}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    mib = 2**20
-    head = f"{'config':<10} {'rank':>4} {'params MiB':>11} {'grads MiB':>10} {'optim MiB':>10} {'sum MiB':>9}"
-    lines = [f"{head} {'peak RSS MiB':>13} {'samples/s':>10}"]
-    for name, figures in report["configs"].items():
-        for rank, worker in enumerate(figures["ranks"]):
-            speed = f"{figures['samples_per_s']:.1f}" if rank == 0 else ""
-            lines.append(
-                f"{name:<10} {rank:>4} {worker['param_bytes'] / mib:>11.1f} {worker['grad_bytes'] / mib:>10.1f} "
-                f"{worker['optimizer_state_bytes'] / mib:>10.1f} {state_bytes(worker) / mib:>9.1f} "
-                f"{worker['peak_rss_bytes'] / mib:>13.1f} {speed:>10}"
-            )
-    lines.append("")
-    for name, ratios in report["ratios"].items():
-        lines.append(f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in ratios.items()))
-    return "\n".join(lines)
+    # idle_timeout=0: the workers stop after fit, so the next run starts (and measures) fresh processes.
+    strategy = get_strategy(backend, workers=workers, cpus_per_worker=cpus, idle_timeout=0)
+    return fit_and_measure(strategy, model, data, max_epochs=1)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -166,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+    at_start = machine()
     runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
     for _ in range(args.repeats):  # round-robin, so a slow spell of the machine hits every configuration alike
         for workers in args.workers:
@@ -173,19 +64,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 runs.setdefault((backend, workers), []).append(run_once(backend, workers, args))
     report = summarise(runs)
     report["setup"] = {
-        "width": args.width,
-        "layers": args.layers,
-        "parameters": sum(p.numel() for p in WideMLP(args.width, args.layers).parameters()),
-        "samples": args.samples,
-        "batch_size": args.batch_size,
-        "repeats": args.repeats,
-        "load_average": os.getloadavg(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        **{k: v for k, v in vars(args).items() if k != "json"},
+        "parameters": parameter_count(args.width, args.layers),
+        "at_start": at_start,
+        "at_end": machine(),
     }
     print(format_table(report))
-    print(f"\nload average at the end: {os.getloadavg()}", file=sys.stderr)
+    print(
+        f"\n1-minute load average: {at_start['load_average_1min']:.1f} at the start, "
+        f"{report['setup']['at_end']['load_average_1min']:.1f} at the end",
+        file=sys.stderr,
+    )
     if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps({**report, "runs": {f"{c}/N={n}": r for (c, n), r in runs.items()}}, indent=2))
     return report
 
 

@@ -6,7 +6,10 @@
 The dataset is generated lazily (``ray.data.range`` mapped to rows of ``--row-floats`` float32 in Ray Data's tasks),
 once at the size of the budget and once ten times larger, and streamed into ``--workers`` ddp workers with
 ``from_ray`` for one epoch. Reported per size: the driver's peak RSS (``ru_maxrss`` of this process, which never holds
-the data) and each worker's peak RSS, logged by the ranks. Flat means the 10x row is within noise of the 1x row.
+the data) and, logged by the ranks, each worker's peak RSS and peak USS. RSS counts the pages of Ray's shared-memory
+object store a rank has read blocks from, which stay mapped until the store reuses them; USS (memory only this
+process holds, sampled every ``USS_EVERY`` steps) is what the rank itself allocates, and bounded means the 10x row's
+USS is within noise of the 1x row's. Flat means the 10x row is within noise of the 1x row.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import psutil
 import pytorch_lightning as pl
 import ray
 import torch
@@ -28,20 +32,27 @@ from torch import nn
 from raylane import get_strategy
 from raylane.data import from_ray
 
+USS_EVERY = 10  # steps between samples of a rank's unique memory (reading smaps costs milliseconds)
+
 
 class Model(pl.LightningModule):
-    """A linear layer over wide rows; each rank logs its peak RSS at the end of the epoch."""
+    """A linear layer over wide rows; each rank logs its peak RSS and sampled peak USS at the end of the epoch."""
 
     def __init__(self, width: int) -> None:
         super().__init__()
         self.layer = nn.Linear(width, 10)
+        self.peak_uss_mb = 0.0
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if batch_idx % USS_EVERY == 0:
+            uss_mb = psutil.Process().memory_full_info().uss / 2**20
+            self.peak_uss_mb = max(self.peak_uss_mb, uss_mb)
         return nn.functional.cross_entropy(self.layer(batch["x"]), batch["y"])
 
     def on_train_epoch_end(self) -> None:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         self.log("worker_peak_rss_mb", peak_mb, reduce_fx="max", sync_dist=True)
+        self.log("worker_peak_uss_mb", self.peak_uss_mb, reduce_fx="max", sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         return torch.optim.SGD(self.parameters(), lr=0.01)
@@ -72,6 +83,7 @@ def train(rows: int, args: argparse.Namespace) -> dict[str, float]:
         "fit_s": time.perf_counter() - started,
         "driver_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "worker_peak_rss_mb": float(trainer.callback_metrics["worker_peak_rss_mb"]),
+        "worker_peak_uss_mb": float(trainer.callback_metrics["worker_peak_uss_mb"]),
     }
 
 
@@ -96,7 +108,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for result in results:
         print(
             f"{result['dataset_mb']:8.0f} MB streamed in {result['fit_s']:6.1f} s: driver peak RSS "
-            f"{result['driver_peak_rss_mb']:6.0f} MB, worker peak RSS {result['worker_peak_rss_mb']:6.0f} MB"
+            f"{result['driver_peak_rss_mb']:6.0f} MB, worker peak RSS {result['worker_peak_rss_mb']:6.0f} MB, "
+            f"worker peak USS {result['worker_peak_uss_mb']:6.0f} MB"
         )
     print(f"load average {load_before:.1f} -> {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     if args.json:

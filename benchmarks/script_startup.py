@@ -1,11 +1,13 @@
-"""A whole training script's wall time, Ray's start included, three ways: the script calls ``ray.init()`` itself,
-raylane starts Ray on the first ``fit`` (the default), or ``raylane.start_ray_in_background()`` right after
-``import raylane``, so Ray (and its worker processes' imports) come up while the script imports Lightning and builds
-its data and model.
+"""A whole training script's wall time, Ray's start included, against the same script with Lightning's ``ddp_spawn``:
+what a user feels between ``python train.py`` and the prompt coming back, and between ``fit()`` and the first
+optimizer step of a script's first Trainer (the cold start).
 
     python benchmarks/script_startup.py --repeats 3 [--json script_startup.json]
 
-Each run is a fresh interpreter, as a user's script is. See README.md.
+Variants: ``ddp_spawn``; raylane as it starts by default (it starts Ray and the workers when the Trainer is built,
+and stops Ray quickly at exit); raylane with ``RAYLANE_EARLY_START=0`` (Ray and the workers start inside ``fit``, as
+before); and a script that calls ``ray.init()`` itself first. Each run is a fresh interpreter, as a user's script is.
+See README.md.
 """
 
 from __future__ import annotations
@@ -15,21 +17,31 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from statistics import median
+from typing import Any
 
 from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
 from compare_ddp_workload import PROCESSES
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
-VARIANTS = {
-    "ray.init() first": "import ray; ray.init(address='local', num_cpus={cpus}, include_dashboard=False)",
-    "raylane starts Ray in fit": "",
-    "start_ray_in_background()": "raylane.start_ray_in_background(num_cpus={cpus})",
-    "... (preload=True)": "raylane.start_ray_in_background(num_cpus={cpus}, preload=True)",
+DDP_SPAWN = "ddp_spawn"
+DEFAULT = "raylane (default)"
+# name: (configuration, a line run right after `import raylane`, extra environment)
+VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
+    DDP_SPAWN: ("ddp_spawn", "", {}),
+    DEFAULT: ("raylane", "", {}),
+    "raylane, RAYLANE_EARLY_START=0": ("raylane", "", {"RAYLANE_EARLY_START": "0"}),
+    "raylane, ray.init() first": (
+        "raylane",
+        "import ray; ray.init(address='local', num_cpus={cpus}, include_dashboard=False)",
+        {},
+    ),
 }
 SCRIPT = textwrap.dedent(
     """
@@ -41,16 +53,26 @@ SCRIPT = textwrap.dedent(
     import pytorch_lightning as pl
     imported = time.perf_counter()
     from compare_ddp_lightning import build
+    from compare_ddp_timer import measured
     from compare_ddp_workload import Workload
-    trainer, model, data = build("raylane", Workload(samples={samples}, epochs=1, batch_size=256, hidden=1024))
-    data.setup("fit")  # the script's own data loading, before fit
-    built = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    done = time.perf_counter()
-    print(json.dumps({{"imports_s": imported - started, "build_s": built - imported, "fit_s": done - built}}))
+
+    if __name__ == "__main__":  # ddp_spawn's children import this file again
+        trainer, model, data = build({config!r}, Workload(samples={samples}, epochs=1, batch_size=256, hidden=1024))
+        data.setup("fit")  # the script's own data loading, before fit
+        built = time.perf_counter()
+        fit_called_at = time.time()
+        trainer.fit(model, datamodule=data)
+        done = time.perf_counter()
+        first_step_s = measured(trainer.callback_metrics)["first_step_at"] - fit_called_at
+        print(json.dumps({{"imports_s": imported - started, "build_s": built - imported, "fit_s": done - built,
+                          "first_step_s": first_step_s, "until_fit_returned_s": done - started}}))
     """
 )
 PROBE_TIMEOUT_S = 600
+GOALS = (  # (label, figure, the most raylane's default may take as a multiple of ddp_spawn's)
+    ("whole script", "process_s", 1.0),
+    ("fit() to the first step, cold", "first_step_s", 0.5),
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -65,49 +87,86 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     load_at_start = load_average()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
-    for repeat in range(args.repeats):
-        for name, start_ray in VARIANTS.items():
-            runs[name].append(run_script(start_ray.format(cpus=PROCESSES), args.samples))
+    for repeat in range(args.repeats):  # round-robin: load changes spread over every variant
+        for name, (config, start_ray, env) in VARIANTS.items():
+            runs[name].append(run_script(config, start_ray.format(cpus=PROCESSES), env, args.samples))
             last = runs[name][-1]
-            print(f"[{repeat + 1}/{args.repeats}] {name}: script {last['process_s']:.2f} s, fit {last['fit_s']:.2f} s")
+            print(
+                f"[{repeat + 1}/{args.repeats}] {name}: script {last['process_s']:.2f} s, fit {last['fit_s']:.2f} s, "
+                f"first step {last['first_step_s']:.2f} s after fit(), load {load_average():.1f}",
+                flush=True,
+            )
     medians = {name: {key: median(run[key] for run in results) for key in results[0]} for name, results in runs.items()}
     report = {
         "machine": machine_and_load(load_at_start),
         "samples": args.samples,
         "runs": runs,
         "medians": medians,
+        "goals": goal_ratios(medians),
     }
-    lines = [
-        f"{args.samples} samples x 1 epoch on {PROCESSES} workers; medians of {args.repeats} fresh interpreters; "
-        + describe_machine(report["machine"]),
-        "variant                      script s  imports s  build s  fit s",
-    ]
-    for name, figures in medians.items():
-        lines.append(
-            f"{name:<28} {figures['process_s']:8.2f} {figures['imports_s']:10.2f} {figures['build_s']:8.2f} "
-            f"{figures['fit_s']:6.2f}"
-        )
-    publish(report, "\n".join(lines), args.json)
+    publish(report, format_report(report, args), args.json)
     return 0
 
 
-def run_script(start_ray: str, samples: int) -> dict[str, float]:
+def goal_ratios(medians: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """raylane's default over ddp_spawn for each goal, with the goal."""
+    ours, theirs = medians[DEFAULT], medians[DDP_SPAWN]
+    return {label: {"ratio": ours[key] / theirs[key], "goal": goal} for label, key, goal in GOALS}
+
+
+def format_report(report: Mapping[str, Any], args: argparse.Namespace) -> str:
+    lines = [
+        f"{args.samples} samples x 1 epoch on {PROCESSES} processes; medians of {args.repeats} fresh interpreters; "
+        + describe_machine(report["machine"]),
+        "variant                          script s  imports s  build s  fit s  first step s",
+    ]
+    for name, figures in report["medians"].items():
+        lines.append(
+            f"{name:<32} {figures['process_s']:8.2f} {figures['imports_s']:10.2f} {figures['build_s']:8.2f} "
+            f"{figures['fit_s']:6.2f} {figures['first_step_s']:13.2f}"
+        )
+    lines.append("")
+    for label, figures in report["goals"].items():
+        verdict = "met" if figures["ratio"] <= figures["goal"] else "not met"
+        lines.append(
+            f"{DEFAULT} / {DDP_SPAWN}, {label}: {figures['ratio']:.2f}x (goal at most {figures['goal']:g}x: {verdict})"
+        )
+    return "\n".join(lines)
+
+
+def run_script(config: str, start_ray: str, extra_env: Mapping[str, str], samples: int) -> dict[str, float]:
     """Run the training script in a fresh interpreter; its phases and the whole process's wall time."""
     script = SCRIPT.format(
         benchmarks=str(BENCHMARKS_DIR),
         examples=str(BENCHMARKS_DIR.parent / "examples"),
         start_ray=start_ray,
+        config=config,
         samples=samples,
     )
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    env.update(extra_env)
     start = time.perf_counter()
-    probe = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env
-    )
+    # A file, not `python -c`: ddp_spawn's children import the main module again by its path.
+    with _script_file(script) as path:
+        probe = subprocess.run(
+            [sys.executable, str(path)], capture_output=True, text=True, timeout=PROBE_TIMEOUT_S, env=env
+        )
     process_s = time.perf_counter() - start
     if probe.returncode != 0:
         raise RuntimeError(f"the training script failed:\n{probe.stderr[-4000:]}")
     return {**json.loads(probe.stdout.strip().splitlines()[-1]), "process_s": process_s}
+
+
+@contextmanager
+def _script_file(text: str) -> Iterator[Path]:
+    """The script in a temporary file of its own, removed afterwards."""
+    handle, name = tempfile.mkstemp(prefix="script_startup_", suffix=".py")
+    with os.fdopen(handle, "w") as out:
+        out.write(text)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@
 
 Per worker: the bytes of optimizer state it holds (the tensors in its optimizer's local state: the shard, for a
 sharded optimizer), the bytes of gradients it holds when the optimizer steps, and its peak RSS (``ru_maxrss``). Per
-run: training throughput (samples/s over rank 0's training loop, start-up excluded). Each rank all-gathers its figures
-at the end of fit and rank 0 logs them as metrics, which raylane brings back to the driver: no shared filesystem.
-Configurations run round-robin; the table shows medians over ``--repeats``. Needs raylane-ddp and raylane-sharded.
+run: training throughput (samples/s over rank 0's training loop, start-up excluded). The measurement and the report
+are ``memory_workload``'s, shared with the other memory benchmarks (no shared filesystem needed). Configurations run
+round-robin; the table shows medians over ``--repeats``. Needs raylane-ddp and raylane-sharded.
 """
 
 from __future__ import annotations
@@ -14,20 +14,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
-import resource
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from statistics import median
 from typing import Any
 
 import pytorch_lightning as pl
 import ray
-import torch
-from memory_workload import QUIET, SyntheticData, WideMLP
+from memory_workload import (
+    StateReader,
+    SyntheticData,
+    WideMLP,
+    fit_and_measure,
+    format_table,
+    machine,
+    parameter_count,
+    summarise,
+)
 
 from raylane import get_strategy
 from raylane_sharded.optimizers import local_state_bytes
@@ -39,36 +42,14 @@ CONFIGS = {
     "sharded-zero": ("sharded", {"engine": "zero"}),
 }
 BASELINE = "ddp"
-FIGURES = ("optimizer_state_bytes", "grad_bytes", "peak_rss_bytes", "loop_s")
 
 
-class WorkerFigures(pl.Callback):
-    """Measures each rank and relays every rank's figures through rank 0's ``callback_metrics``."""
+class ShardedOptimizerReader(StateReader):
+    """A sharded optimizer keeps its shard's state in the optimizer it wraps; ShardedDataParallel drops the other
+    ranks' gradients after the reduction, which the default gradient count already sees."""
 
-    def __init__(self) -> None:
-        self.start = 0.0
-        self.grad_bytes = 0
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.start = time.perf_counter()
-
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
-    ) -> None:
-        # After the backward pass and its reduction: ShardedDataParallel has dropped the other ranks' gradients.
-        held = sum(p.grad.numel() * p.grad.element_size() for p in pl_module.parameters() if p.grad is not None)
-        self.grad_bytes = max(self.grad_bytes, held)
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        loop_s = time.perf_counter() - self.start
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-        mine = torch.tensor(
-            [local_state_bytes(trainer.optimizers[0]), self.grad_bytes, peak_rss, loop_s], dtype=torch.float64
-        )
-        every_rank = trainer.strategy.all_gather(mine).reshape(-1, len(FIGURES))  # a collective: all ranks call it
-        for rank, figures in enumerate(every_rank):
-            for name, value in zip(FIGURES, figures):
-                trainer.callback_metrics[f"bench/rank{rank}/{name}"] = value
+    def optimizer_state_bytes(self, trainer: pl.Trainer, module: pl.LightningModule) -> int:
+        return local_state_bytes(trainer.optimizers[0])
 
 
 def run_once(config: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -76,67 +57,9 @@ def run_once(config: str, args: argparse.Namespace) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     model = WideMLP(args.width, args.layers)
     data = SyntheticData(args.samples, args.width, args.batch_size // WORKERS)
-    trainer = pl.Trainer(
-        # idle_timeout=0: the workers stop after fit, so the next run starts (and measures) fresh processes.
-        strategy=get_strategy(backend, workers=WORKERS, idle_timeout=0, **options),
-        max_epochs=args.epochs,
-        callbacks=[WorkerFigures()],
-        **QUIET,
-    )
-    started = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_s = time.perf_counter() - started
-    metrics = trainer.callback_metrics
-    workers = [{name: float(metrics[f"bench/rank{rank}/{name}"]) for name in FIGURES} for rank in range(WORKERS)]
-    samples = args.samples * args.epochs
-    return {"fit_s": fit_s, "samples_per_s": samples / workers[0]["loop_s"], "workers": workers}
-
-
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    configs: dict[str, Any] = {}
-    for config, results in runs.items():
-        configs[config] = {
-            "samples_per_s": median(r["samples_per_s"] for r in results),
-            "fit_s": median(r["fit_s"] for r in results),
-            "workers": [
-                {name: median(r["workers"][rank][name] for r in results) for name in FIGURES} for rank in range(WORKERS)
-            ],
-        }
-    ratios = {}
-    base = configs[BASELINE]
-    for config, figures in configs.items():
-        if config == BASELINE:
-            continue
-
-        def worst(summary: dict[str, Any], name: str) -> float:
-            return max(worker[name] for worker in summary["workers"])
-
-        ratios[f"{config}/{BASELINE}"] = {
-            "optimizer_state_bytes (worst worker)": worst(figures, "optimizer_state_bytes")
-            / worst(base, "optimizer_state_bytes"),
-            "grad_bytes (worst worker)": worst(figures, "grad_bytes") / worst(base, "grad_bytes"),
-            "peak_rss_bytes (worst worker)": worst(figures, "peak_rss_bytes") / worst(base, "peak_rss_bytes"),
-            "samples_per_s": figures["samples_per_s"] / base["samples_per_s"],
-        }
-    return {"configs": configs, "ratios": ratios}
-
-
-def format_table(report: dict[str, Any]) -> str:
-    mib = 2**20
-    lines = [
-        f"{'config':<18} {'rank':>4} {'optim state MiB':>16} {'grads MiB':>10} {'peak RSS MiB':>13} {'samples/s':>10}",
-    ]
-    for config, figures in report["configs"].items():
-        for rank, worker in enumerate(figures["workers"]):
-            speed = f"{figures['samples_per_s']:.1f}" if rank == 0 else ""
-            lines.append(
-                f"{config:<18} {rank:>4} {worker['optimizer_state_bytes'] / mib:>16.1f} "
-                f"{worker['grad_bytes'] / mib:>10.1f} {worker['peak_rss_bytes'] / mib:>13.1f} {speed:>10}"
-            )
-    lines.append("")
-    for name, ratios in report["ratios"].items():
-        lines.append(f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in ratios.items()))
-    return "\n".join(lines)
+    # idle_timeout=0: the workers stop after fit, so the next run starts (and measures) fresh processes.
+    strategy = get_strategy(backend, workers=WORKERS, idle_timeout=0, **options)
+    return fit_and_measure(strategy, model, data, ShardedOptimizerReader(), max_epochs=args.epochs)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -161,18 +84,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    parameters = sum(p.numel() for p in WideMLP(args.width, args.layers).parameters())
+    parameters = parameter_count(args.width, args.layers)
     print(f"model: {parameters / 1e6:.1f}M parameters, Adam, {WORKERS} workers, global batch {args.batch_size}")
-    load_at_start = os.getloadavg()[0]
+    at_start = machine()
     ray.init(num_cpus=WORKERS, include_dashboard=False, logging_level=logging.WARNING)
-    runs: dict[str, list[dict[str, Any]]] = {config: [] for config in args.configs}
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {(config, WORKERS): [] for config in args.configs}
     try:
         # Round-robin, so a change in the machine's load spreads over every configuration.
         for repeat in range(args.repeats):
             for config in args.configs:
                 result = run_once(config, args)
-                runs[config].append(result)
-                state = [w["optimizer_state_bytes"] / 2**20 for w in result["workers"]]
+                runs[config, WORKERS].append(result)
+                state = [rank["optimizer_state_bytes"] / 2**20 for rank in result["ranks"]]
                 print(
                     f"[{repeat + 1}/{args.repeats}] {config}: {result['samples_per_s']:.1f} samples/s, optimizer "
                     f"state per worker {', '.join(f'{s:.1f}' for s in state)} MiB, fit {result['fit_s']:.1f} s",
@@ -180,20 +103,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
     finally:
         ray.shutdown()
-    report = summarise(runs)
+    # Only the optimizer state (and FairScale's gradients) are sharded here: no 1/N target on the whole state.
+    report = summarise(runs, BASELINE, target=False)
     report["setup"] = {
         "parameters": parameters,
         "workers": WORKERS,
         **{k: v for k, v in vars(args).items() if k not in ("json", "configs")},
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        # Other processes on the cores skew throughput (not the byte counts): the 1-minute load average.
-        "load_average": {"start": load_at_start, "end": os.getloadavg()[0]},
+        "at_start": at_start,
+        "at_end": machine(),
     }
     print()
     print(format_table(report))
-    print(f"1-minute load average: {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    end_load = report["setup"]["at_end"]["load_average_1min"]
+    print(f"1-minute load average: {at_start['load_average_1min']:.1f} at the start, {end_load:.1f} at the end")
     if args.json is not None:
-        args.json.write_text(json.dumps({**report, "runs": runs}, indent=2) + "\n", encoding="utf-8")
+        runs_by_name = {f"{config}/N={workers}": results for (config, workers), results in runs.items()}
+        args.json.write_text(json.dumps({**report, "runs": runs_by_name}, indent=2) + "\n", encoding="utf-8")
         print(f"\nwrote {args.json}")
     return 0
 

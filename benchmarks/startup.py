@@ -1,6 +1,8 @@
 """Where ``trainer.fit()`` spends its time before every worker's first optimizer step, against Lightning's
-``ddp_spawn`` and Ray Train, what a ``test()`` after ``fit()`` adds when the workers stay warm, and what the fit of a
-later Trainer of the same driver costs (it trains on the earlier Trainer's idle workers).
+``ddp_spawn`` and Ray Train, what a ``test()`` after ``fit()`` adds when the workers stay warm, what the fit of a
+later Trainer of the same driver costs (it trains on the earlier Trainer's idle workers), and what ``fit()`` costs when
+the script spent long enough between building the Trainer and calling ``fit()`` (loading its data) for the workers
+raylane starts at the Trainer's construction to be up.
 
     python benchmarks/startup.py --repeats 5 [--without-ray-train] [--json startup.json]
 
@@ -30,6 +32,15 @@ from compare_ddp_workload import PROCESSES, Workload
 
 WARM_IDLE_TIMEOUT_S = 60.0
 LATER_TRAINER = "raylane_later_trainer"  # a second Trainer's fit, right after a first one's, on its idle workers
+BUILT_EARLY = "raylane_built_early"  # fit() once the workers started at the Trainer's construction are up
+# (label, configuration, figure, goal: the most it may take as a multiple of ddp_spawn's), from issue 16
+GOALS = (
+    ("fit(), Ray running, Trainer built right before", "raylane", "median_fit_s", 0.5),
+    ("fit(), Ray running, workers up before fit()", BUILT_EARLY, "median_fit_s", 0.5),
+    ("first step, Ray running, Trainer built right before", "raylane", "median_first_step_s", 0.5),
+    ("first step, Ray running, workers up before fit()", BUILT_EARLY, "median_first_step_s", 0.5),
+)
+LATER_TRAINER_GOAL_S = 1.0  # a later Trainer's first step, seconds after its fit() was called
 # Start-up phases of a raylane fit, in order: (label, where the mark comes from, its name). "workers" marks are the
 # latest over the ranks: a phase ends when every worker has passed it.
 PHASES = (
@@ -63,7 +74,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = Workload(samples=args.samples, epochs=1, batch_size=256, hidden=args.hidden)
-    configs = ["ddp_spawn", "raylane", LATER_TRAINER]
+    configs = ["ddp_spawn", "raylane", BUILT_EARLY, LATER_TRAINER]
     if not args.without_ray_train:
         try:
             compare_ddp_ray_train.check_available()
@@ -85,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif config == "raylane":
                     result, run_phases = fit_raylane(workload)
                     phases.append(run_phases)
+                elif config == BUILT_EARLY:
+                    result, _ = fit_raylane(workload, workers_up_first=True)
                 elif config == LATER_TRAINER:
                     result = fit_a_later_trainer(workload)
                 else:
@@ -110,9 +123,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def fit_raylane(workload: Workload) -> tuple[RunResult, dict[str, float]]:
-    """One raylane fit with its start-up phases: seconds from calling ``fit()`` to the end of each phase."""
+def fit_raylane(workload: Workload, workers_up_first: bool = False) -> tuple[RunResult, dict[str, float]]:
+    """One raylane fit with its start-up phases: seconds from calling ``fit()`` to the end of each phase.
+
+    ``workers_up_first``: wait, before timing, until the workers raylane starts when the Trainer is built are up, as
+    they are when the script loads its data for that long."""
     trainer, model, data = compare_ddp_lightning.build("raylane", workload)
+    if workers_up_first and not trainer.strategy.launcher.early_workers_ready(timeout_s=600):
+        raise RuntimeError("the workers raylane starts with the Trainer did not start; see the log above")
     started_at, start = time.time(), time.perf_counter()
     try:
         trainer.fit(model, datamodule=data)
@@ -183,9 +201,30 @@ def summarise(
         "workload": workload.as_dict(),
         "repeats": len(phases),
         "configs": configs,
-        "raylane_phases_median_s": {label: median(p[label] for p in phases if label in p) for label, *_ in PHASES},
+        # A phase that ended before fit() was called (workers started with the Trainer) has no mark in this fit.
+        "raylane_phases_median_s": {
+            label: median(p[label] for p in phases if label in p)
+            for label, *_ in PHASES
+            if any(label in p for p in phases)
+        },
         "test_after_fit_extra_s": {kind: {"runs": list(v), "median": median(v)} for kind, v in tests.items()},
     }
+
+
+def goal_lines(configs: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Each issue-16 goal: the configuration's median over ddp_spawn's, or the later Trainer's first step."""
+    lines = []
+    for label, config, key, goal in GOALS:
+        ratio = configs[config][key] / configs["ddp_spawn"][key]
+        lines.append(
+            f"{label}: {ratio:.2f}x ddp_spawn (goal at most {goal:g}x: {'met' if ratio <= goal else 'not met'})"
+        )
+    later = configs[LATER_TRAINER]["median_first_step_s"]
+    verdict = "met" if later < LATER_TRAINER_GOAL_S else "not met"
+    lines.append(
+        f"later Trainer, fit() to the first step: {later:.2f} s (goal under {LATER_TRAINER_GOAL_S:g} s: {verdict})"
+    )
+    return lines
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -194,14 +233,15 @@ def format_report(report: Mapping[str, Any]) -> str:
         f"{workload['samples']} samples x 1 epoch, hidden {workload['hidden']}; medians of {report['repeats']} runs; "
         + describe_machine(machine),
         "",
-        "config      fit s  first step s  loop s",
+        "config                 fit s  first step s  loop s",
     ]
     for name, config in report["configs"].items():
         lines.append(
-            f"{name:<10} {config['median_fit_s']:6.2f} {config['median_first_step_s']:13.2f} "
+            f"{name:<21} {config['median_fit_s']:6.2f} {config['median_first_step_s']:13.2f} "
             f"{config['median_loop_s']:7.2f}"
         )
     lines += ["", *ratio_lines(report["configs"], ("median_fit_s", "median_first_step_s")), ""]
+    lines += [*goal_lines(report["configs"]), ""]
     lines.append("raylane start-up, seconds after fit() was called (median):")
     lines += [f"  {seconds:6.2f}  {label}" for label, seconds in report["raylane_phases_median_s"].items()]
     extra = report["test_after_fit_extra_s"]

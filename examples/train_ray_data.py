@@ -47,17 +47,21 @@ class Classifier(pl.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU(), nn.Linear(64, CLASSES))
 
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features)
+
+    # The steps call self(...), never self.net directly: sharding backends (fsdp) gather weights around forward.
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = nn.functional.cross_entropy(self.net(batch["x"]), batch["y"])
+        loss = nn.functional.cross_entropy(self(batch["x"]), batch["y"])
         self.log("train_loss", loss)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        accuracy = (self.net(batch["x"]).argmax(dim=1) == batch["y"]).float().mean()
+        accuracy = (self(batch["x"]).argmax(dim=1) == batch["y"]).float().mean()
         self.log("val_acc", accuracy, sync_dist=True)  # each rank validates its own shard
 
     def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
-        return {"id": batch["id"], "label": self.net(batch["x"]).argmax(dim=1)}
+        return {"id": batch["id"], "label": self(batch["x"]).argmax(dim=1)}
 
     def configure_optimizers(self) -> Any:
         return torch.optim.Adam(self.parameters(), lr=0.01)

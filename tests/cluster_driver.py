@@ -3,7 +3,8 @@
 ``python cluster_driver.py [ADDRESS]``: ADDRESS goes to ``ray.init`` (``auto``, ``ray://host:port``); without it
 raylane connects by itself through ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver. The CSV logger
 and the checkpoints use relative paths, so they must appear under this process's working directory. Prints one line
-``RAYLANE_RESULT {json}`` with what the driver ended up with.
+``RAYLANE_RESULT {json}`` with what the driver ended up with, including a second fit and a predict fed by Ray Data
+(``from_ray``) on the same warm workers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import torch
 from pytorch_lightning.loggers import CSVLogger
 
 from raylane import get_strategy
+from raylane.data import from_ray
 from raylane.testing import ClassifierModel, make_loader
+from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset
 
 RESULT_PREFIX = "RAYLANE_RESULT "
 
@@ -55,8 +58,25 @@ def train(model_class: type[ClassifierModel] = ClassifierModel) -> dict[str, Any
     }
 
 
+def train_on_ray_data() -> dict[str, Any]:
+    """A fit (train and val) and a predict fed by Ray Datasets: the splits are made from this driver, whichever way it
+    reaches the cluster, and the rows stream from Ray Data's coordinator to the workers."""
+    quiet = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+    model = RowRecordingModel()
+    trainer = pl.Trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, logger=False, **quiet)
+    trainer.fit(model, from_ray(make_ray_dataset(64), batch_size=8), from_ray(make_ray_dataset(32), batch_size=8))
+    predictions = trainer.predict(model, from_ray(make_ray_dataset(45), batch_size=8))
+    trainer.strategy.release_workers()
+    return {
+        "global_step": trainer.global_step,
+        "metrics": sorted(trainer.callback_metrics),
+        "predicted_ids": sorted(int(i) for batch in predictions for i in batch["id"]),
+    }
+
+
 def report(model_class: type[ClassifierModel] = ClassifierModel) -> None:
-    print(RESULT_PREFIX + json.dumps({"cwd": os.getcwd(), **train(model_class)}), flush=True)
+    result = {"cwd": os.getcwd(), **train(model_class), "ray_data": train_on_ray_data()}
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

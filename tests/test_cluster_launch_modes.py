@@ -7,7 +7,8 @@
 One head per module (4 CPUs, its own temp dir and ports, token auth off so no machine-wide token is needed), started
 in the directory ``head/`` so its workers resolve relative paths elsewhere than the drivers do. The script
 (tests/cluster_driver.py) logs with ``CSVLogger("logs")`` and checkpoints under it: weights, metrics and those files
-must all be where the driver looks for them.
+must all be where the driver looks for them. The same script then fits and predicts on Ray Datasets (``from_ray``), so
+each mode also checks that the split made from its driver reaches the workers.
 """
 
 from __future__ import annotations
@@ -151,6 +152,10 @@ def _assert_trained(result: dict[str, Any], driver_cwd: Path) -> None:
     assert result["checkpoint_holds_driver_weights"]
     assert Path(result["log_dir"]).is_relative_to(driver_cwd.resolve())
     assert result["metrics_csv_rows"] >= 3, "a header and a row per epoch"
+    ray_data = result["ray_data"]
+    assert ray_data["global_step"] == 64 // (8 * 2), "each of the 2 ranks streamed its half of the 64 rows"
+    assert {"train_loss", "val_loss"} <= set(ray_data["metrics"])
+    assert ray_data["predicted_ids"] == list(range(45)), "predict returned every row exactly once"
 
 
 def test_driver_on_the_head_node_connects_with_address_auto(head: Head, tmp_path: Path) -> None:

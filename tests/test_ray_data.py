@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import json
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -210,6 +212,27 @@ def test_missing_path_fails_with_ray_datas_error(tmp_path: Path) -> None:
             RowRecordingModel(), from_ray(ray.data.read_parquet(str(tmp_path / "does-not-exist")), batch_size=8)
         )
     assert live_raylane_actors() == before, "no worker started"
+
+
+def test_ray_data_plans_without_the_cpus_the_workers_hold(tmp_path: Path) -> None:
+    notes = tmp_path / "excluded"
+    notes.mkdir()
+
+    def note_what_ray_data_excludes(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        # Runs in Ray Data's map task, under the DataContext of the executor that planned it (the split's).
+        excluded = ray.data.DataContext.get_current().execution_options.exclude_resources
+        (notes / f"{os.getpid()}-{int(batch['id'][0])}.json").write_text(json.dumps(excluded.cpu))
+        return batch
+
+    dataset = make_ray_dataset(32).map_batches(note_what_ray_data_excludes)
+    before = dataset.context.execution_options.exclude_resources
+    # The workers hold 3 of the 4 CPUs: the pipeline still completes on the one left.
+    trainer = _trainer(tmp_path, strategy=get_strategy("ddp", workers=2, cpus_per_worker=1.5), max_epochs=1)
+    trainer.fit(RowRecordingModel(), from_ray(dataset, batch_size=8))
+
+    assert trainer.global_step == 32 // (8 * 2)
+    assert {json.loads(note.read_text()) for note in notes.iterdir()} == {3.0}, "the workers' 2 x 1.5 CPUs"
+    assert dataset.context.execution_options.exclude_resources == before, "the user's Dataset is left as it was"
 
 
 def test_workers_that_hold_every_cpu_fail_before_they_start(tmp_path: Path) -> None:

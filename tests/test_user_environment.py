@@ -13,9 +13,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from raylane import get_strategy
+from raylane import _ray, get_strategy
 from raylane.testing import ClassifierModel, ensure_local_ray, env_without_ray_address, make_loader, quiet_trainer
 from tests.conftest import read_reports
+
+upload_local_code = _ray.upload_local_code  # the real one, which the runtime_env test counts calls of
 
 
 @pytest.mark.timeout(240)
@@ -133,9 +135,19 @@ from pathlib import Path
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("how", ["working_dir", "py_modules"])
-def test_runtime_env_ships_code_the_driver_does_not_have_to_the_workers(how: str, tmp_path: Path) -> None:
-    """A package that exists only in the shipped folder imports on every worker of a local Ray (here, in init_hook)."""
+def test_runtime_env_ships_code_the_driver_does_not_have_to_the_workers(
+    how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A package that exists only in the shipped folder imports on every worker of a local Ray (here, in init_hook),
+    zipped and uploaded once for all the workers: doing it per worker grows start-up with the worker count."""
     ensure_local_ray()
+    uploads: list[dict] = []
+
+    def counted_upload(runtime_env: dict) -> dict:
+        uploads.append(dict(runtime_env))
+        return upload_local_code(runtime_env)
+
+    monkeypatch.setattr(_ray, "upload_local_code", counted_upload)
     name = f"raylane_shipped_{how}"
     shipped = tmp_path / "project"
     (shipped / name).mkdir(parents=True)
@@ -157,3 +169,4 @@ def test_runtime_env_ships_code_the_driver_does_not_have_to_the_workers(how: str
     _quiet_trainer(strategy).fit(ClassifierModel(report_dir=str(report_dir)), make_loader(8))
     training_pids = sorted(report["pid"] for report in read_reports(report_dir))
     assert sorted(int(path.name.removeprefix("imported-")) for path in marks.iterdir()) == training_pids
+    assert uploads == [runtime_env], "one upload for the group of 2 workers"

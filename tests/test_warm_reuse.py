@@ -6,8 +6,12 @@ well under a second; it is only safe when the run on reused workers is the run f
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -106,4 +110,34 @@ def test_workers_of_another_shape_or_an_opt_out_are_not_reused_and_do_not_linger
     assert not set(second_pids) & set(first_pids), "fresh workers"
     second.strategy.release_workers()  # type: ignore[attr-defined]
     assert_released()  # with the first Trainer still alive: its idle workers made room for the second's
+    del first
+
+
+def test_idle_workers_that_stopped_answering_are_stopped_not_handed_over_and_block_nothing_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """A later Trainer pings the idle workers it would reuse; one frozen worker makes that ping wait its full timeout.
+    Meanwhile the earlier Trainer (its next entry point, its idle watch, ``release_workers``) must not wait for it;
+    and workers that do not answer are stopped, not handed over."""
+    (tmp_path / "a").mkdir()
+    first, first_pids = fit_pids(ClassifierModel(report_dir=str(tmp_path / "a")), tmp_path / "a")
+    launcher = first.strategy.launcher  # type: ignore[attr-defined]
+    os.kill(first_pids[1], signal.SIGSTOP)
+    try:
+        handed_over: list[Any] = []
+        options = first.strategy.launch_options  # type: ignore[attr-defined]
+        # What a later Trainer's fit does first (RayLauncher._warm_group), on a thread so this one can watch.
+        checking = threading.Thread(target=lambda: handed_over.append(launcher._hand_over_if_idle("ddp", options)))
+        checking.start()
+        deadline = time.monotonic() + 60
+        while launcher._group is not None and checking.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the later Trainer has claimed the group, or given up on it
+        first.strategy.release_workers()  # type: ignore[attr-defined]
+        assert checking.is_alive(), "the earlier Trainer waited for the ping of its frozen worker"
+        checking.join(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # stopped already, as it should be
+            os.kill(first_pids[1], signal.SIGCONT)
+    assert handed_over == [None], "a group with a frozen worker is not reused"
+    assert_released()
     del first

@@ -84,3 +84,14 @@ def test_entry_points_take_ckpt_path_by_that_name(lightning: ModuleType, entry_p
     assert "ckpt_path" in inspect.signature(function).parameters
     assert _lightning.ckpt_path_of(function, (None,), {"ckpt_path": "s3://bucket/last.ckpt"}) == "s3://bucket/last.ckpt"
     assert _lightning.ckpt_path_of(function, (None,), {}) is None
+
+
+def test_model_parallel_strategy_builds_its_mesh_from_the_size_raylane_sets(lightning: ModuleType) -> None:
+    """The fsdp backend's elastic runs resize the mesh on the workers (``_lightning.set_data_parallel_size``)."""
+    strategy_class = getattr(lightning.strategies, "ModelParallelStrategy", None)
+    if strategy_class is None:
+        pytest.skip(f"{lightning.__name__} {lightning.__version__} has no ModelParallelStrategy (Lightning < 2.4)")
+    strategy = strategy_class(data_parallel_size=4, tensor_parallel_size=1)
+    _lightning.set_data_parallel_size(strategy, 2)
+    assert strategy._data_parallel_size == 2
+    assert "self._data_parallel_size" in inspect.getsource(strategy_class.setup_environment)

@@ -54,6 +54,23 @@ INVALID = [
     ({"workers": 2, "max_failures": -1}, "max_failures"),
     ({"workers": 2, "max_failures": 1.0}, "max_failures"),
     ({"workers": 2, "max_failures": True}, "max_failures"),
+    ({"workers": 2, "grow_after_s": -1}, "grow_after_s"),
+    ({"workers": 2, "grow_after_s": math.nan}, "grow_after_s"),
+    ({"workers": 2, "min_workers": 3}, "min_workers"),
+    ({"workers": 2, "min_workers": 0}, "min_workers"),
+    ({"workers": 2, "min_workers": 1.0}, "min_workers"),
+]
+
+# workers=(min, max) that is not a range, each with the part of the message that says what to write.
+INVALID_RANGES = [
+    ((0, 2), "needs a whole number (int) >= 1 as min"),
+    ((3, 2), "write the smaller first, workers=(2, 3)"),
+    ((2.5, 4), "needs a whole number (int) >= 1 as min, got 2.5"),
+    ((2, 4.0), "as max, got 4.0"),
+    ((1, 2, 3), "a range is two whole numbers, workers=(min, max)"),
+    ((2,), "a range is two whole numbers, workers=(min, max)"),
+    ((True, 2), "as min, got True"),
+    (("1", "2"), "as min, got '1'"),
 ]
 
 
@@ -61,6 +78,42 @@ INVALID = [
 def test_invalid_option_is_a_configuration_error_naming_it(options: dict[str, Any], name: str) -> None:
     with pytest.raises(ConfigurationError, match=re.escape(name)):
         split_options(options, BACKEND_OPTIONS, "ddp")
+
+
+@pytest.mark.parametrize(("workers", "says"), INVALID_RANGES, ids=[repr(w) for w, _ in INVALID_RANGES])
+def test_a_bad_worker_range_says_what_to_write(workers: Any, says: str) -> None:
+    with pytest.raises(ConfigurationError, match=re.escape(says)):
+        split_options({"workers": workers}, BACKEND_OPTIONS, "ddp")
+
+
+def test_a_range_given_twice_is_an_error() -> None:
+    with pytest.raises(ConfigurationError, match=re.escape("or workers=max with min_workers=min")):
+        LaunchOptions(workers=(1, 4), min_workers=2)
+
+
+@pytest.mark.parametrize(
+    ("given", "most", "fewest", "elastic"),
+    [
+        ({"workers": (2, 8)}, 8, 2, True),
+        ({"workers": [2, 8]}, 8, 2, True),  # YAML and JSON configuration files give lists
+        ({"workers": 8, "min_workers": 2}, 8, 2, True),
+        ({"workers": (3, 3)}, 3, 3, False),  # (n, n) behaves like n
+        ({"workers": 3}, 3, 3, False),
+    ],
+)
+def test_a_worker_range_is_the_most_workers_and_the_fewest(
+    given: dict[str, Any], most: int, fewest: int, elastic: bool
+) -> None:
+    options = LaunchOptions(**given)
+    assert (options.workers, options.min_workers, options.elastic) == (most, fewest, elastic)
+    assert options == LaunchOptions(workers=most, min_workers=fewest), "one meaning, however it was written"
+
+
+def test_an_elastic_run_sized_to_a_count_is_a_fixed_run_of_that_count() -> None:
+    options = LaunchOptions(workers=(2, 8), cpus_per_worker=2, grow_after_s=5)
+    sized = options.sized(5)
+    assert (sized.workers, sized.min_workers, sized.elastic) == (5, 5, False)
+    assert (sized.cpus_per_worker, sized.grow_after_s) == (2, 5)
 
 
 def test_configuration_errors_are_value_errors() -> None:

@@ -6,6 +6,7 @@ positions r, r+W, r+2W, ... in batches of B, the last one short), from one per-s
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -14,6 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raylane import predictions as predictions_module
 from raylane.predictions import join_samples, merge_predictions, split_batch
 
 property_test = settings(max_examples=50, deadline=None)
@@ -149,6 +151,28 @@ def test_predictions_without_sample_indices_are_returned_by_rank_with_a_warning(
         merged = merge_predictions(predictions, [[], []])
 
     assert [batch.tolist() for batch in merged] == [[0, 2], [1, 3]]
+
+
+def test_each_ranks_batch_is_let_go_as_soon_as_it_is_merged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The driver never holds every rank's outputs and the merged copy at once (1 GiB of predictions must not take
+    2 GiB): the caller's lists are emptied, and each rank's batch is freed once its last sample is in a merged batch."""
+    workers, batch_size = 2, 4
+    # Whole tensors, as they arrive from the workers (not views, which would keep a base of their own).
+    predictions, indices = distributed_predict([64], workers, batch_size, lambda batch: features(batch).clone())
+    held = [weakref.ref(batch) for rank in predictions for batch in rank[0]]  # 8 batches of 4 from each rank
+    still_held_at_each_join = []
+
+    def counting_join(samples: list[Any]) -> Any:
+        still_held_at_each_join.append(sum(batch() is not None for batch in held))
+        return join_samples(samples)
+
+    monkeypatch.setattr(predictions_module, "join_samples", counting_join)
+    merged = merge_predictions(predictions, indices, [batch_size])
+
+    assert_same(merged, [features(batch) for batch in sequential_batches(64, batch_size)])
+    # Merged batch k needs each rank's batch k // 2; every earlier one is gone, though the caller still has its lists.
+    assert still_held_at_each_join == [len(held) - workers * (k // 2) for k in range(len(merged))]
+    assert all(batch() is None for batch in held)
 
 
 @property_test

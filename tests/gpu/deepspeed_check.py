@@ -9,25 +9,23 @@ B) ZeRO-3 likewise, and its checkpoint directory resumes a second fit.
 C) ZeRO-3 with optimizer and parameter offload to CPU memory trains (DeepSpeed's CPU Adam is compiled on first use).
 D) two workers sharing the GPU (gpus_per_worker=0.5) are refused on the driver: NCCL cannot put two ranks on one device.
 
-Exits non-zero when any of them fails, after running the others; the summary is printed (and written to out.json).
+Exits non-zero when any of them fails, after running the others; the JSON summary says which failed and why.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import tempfile
-import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import ray
 import torch
+from check_runner import Check, Expect, expect_refused_before_start, run_checks
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from raylane import ConfigurationError, get_strategy
+from raylane import get_strategy
 from raylane.testing import ClassifierModel, make_loader
 from raylane_deepspeed.checkpoints import consolidated_state_dict
 
@@ -86,38 +84,23 @@ def check_offload(tmp: Path) -> dict[str, Any]:
     return {"global_step": run.global_step, "weight_sum": float(model.layer.weight.sum())}
 
 
-def check_shared_gpu_refused(tmp: Path) -> dict[str, Any]:
-    try:
-        get_strategy("deepspeed", workers=2, use_gpu=True, gpus_per_worker=0.5)
-    except ConfigurationError as err:
-        return {"refused": str(err)}
-    raise AssertionError("two workers on one GPU were accepted")
+def check_shared_gpu_refused(tmp: Path, figures: dict[str, Any], expect: Expect) -> None:
+    attempt = partial(get_strategy, "deepspeed", workers=2, use_gpu=True, gpus_per_worker=0.5)
+    expect_refused_before_start(attempt, figures, expect)
 
 
-def main() -> int:
-    summary: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0)}
-    ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False)
-    checks: dict[str, Callable[[Path], dict[str, Any]]] = {
-        "A_zero2_nccl": lambda tmp: check_stage(tmp, 2),
-        "B_zero3_nccl": lambda tmp: check_stage(tmp, 3),
-        "C_zero3_offload": check_offload,
-        "D_shared_gpu_refused": check_shared_gpu_refused,
-    }
-    failed = []
-    for name, check in checks.items():
-        with tempfile.TemporaryDirectory() as directory:
-            try:
-                summary[name] = check(Path(directory))
-            except Exception:
-                summary[name] = {"failed": traceback.format_exc()}
-                failed.append(name)
-    summary["failed"] = failed
-    text = json.dumps(summary, indent=2, default=str)
-    print(text)
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(text)
-    return 1 if failed else 0
+def recorded(check: Callable[[Path], dict[str, Any]]) -> Check:
+    """A check that asserts and returns its figures, in the runner's form (a failed assert fails the check)."""
+    return lambda tmp, figures, expect: figures.update(check(tmp))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_checks(
+        "deepspeed",
+        {
+            "A_zero2_nccl": recorded(partial(check_stage, stage=2)),
+            "B_zero3_nccl": recorded(partial(check_stage, stage=3)),
+            "C_zero3_offload": recorded(check_offload),
+            "D_shared_gpu_refused": check_shared_gpu_refused,
+        },
+    )

@@ -18,19 +18,17 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import tempfile
 import time
-import traceback
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-import ray
 import torch
+from check_runner import Expect, expect_refused_before_start, run_checks
 from torch import nn
 
-from raylane import ConfigurationError, get_strategy
+from raylane import get_strategy
 from raylane.testing import ClassifierModel, make_loader
 
 
@@ -75,24 +73,7 @@ def fit(
     return trainer, time.monotonic() - started
 
 
-class Checks:
-    """Runs each path, recording its figures and every failed expectation; a crash in one path fails only that one."""
-
-    def __init__(self) -> None:
-        self.summary: dict[str, Any] = {}
-        self.failures: list[str] = []
-
-    def run(self, name: str, path: Any) -> None:
-        figures: dict[str, Any] = {}
-        self.summary[name] = figures
-        try:
-            path(figures, lambda ok, why: ok or self.failures.append(f"{name}: {why}"))
-        except Exception:
-            figures["crash"] = traceback.format_exc()
-            self.failures.append(f"{name}: crashed ({traceback.format_exc(limit=0).strip()})")
-
-
-def nccl_one_worker(tmp: Path, figures: dict[str, Any], expect: Any) -> None:
+def nccl_one_worker(tmp: Path, figures: dict[str, Any], expect: Expect) -> None:
     model = MLP(report_dir=str(tmp))
     trainer, seconds = fit(tmp, model, workers=1, use_gpu=True)
     [tested] = trainer.test(model, make_loader(8))
@@ -114,7 +95,7 @@ def nccl_one_worker(tmp: Path, figures: dict[str, Any], expect: Any) -> None:
     expect(figures["predictions"] == 20, f"predictions for 20 samples, got {figures['predictions']}")
 
 
-def gloo_shared_gpu_vs_cpu(tmp: Path, figures: dict[str, Any], expect: Any) -> None:
+def gloo_shared_gpu_vs_cpu(tmp: Path, figures: dict[str, Any], expect: Expect) -> None:
     torch.manual_seed(0)
     gpu_model, cpu_model = MLP(), MLP()
     cpu_model.load_state_dict(gpu_model.state_dict())
@@ -125,7 +106,7 @@ def gloo_shared_gpu_vs_cpu(tmp: Path, figures: dict[str, Any], expect: Any) -> N
     expect(max(differences) < 1e-5, f"GPU and CPU runs differ by {max(differences)}")
 
 
-def offload_bf16_checkpointing(tmp: Path, figures: dict[str, Any], expect: Any) -> None:
+def offload_bf16_checkpointing(tmp: Path, figures: dict[str, Any], expect: Expect) -> None:
     model = MLP()
     report_path = tmp / "shards.json"
     options = {"mixed_precision": "bf16", "cpu_offload": True, "activation_checkpointing": nn.Linear}
@@ -140,48 +121,18 @@ def offload_bf16_checkpointing(tmp: Path, figures: dict[str, Any], expect: Any) 
     expect(math.isfinite(loss), f"train loss {loss}")
 
 
-def nccl_shared_gpu_rejected(tmp: Path, figures: dict[str, Any], expect: Any) -> None:
-    started = time.monotonic()
-    try:
-        fit(tmp, MLP(), workers=2, use_gpu=True, gpus_per_worker=0.5, collective_timeout=60)
-    except ConfigurationError as err:
-        figures.update(outcome="ConfigurationError", message_head=str(err)[:300])
-    except Exception as err:
-        figures.update(outcome=type(err).__name__, message_head=str(err)[:300])
-    else:
-        figures["outcome"] = "trained"
-    figures["seconds"] = round(time.monotonic() - started, 1)
-    expect(figures["outcome"] == "ConfigurationError", f"NCCL on a shared GPU must be rejected: {figures['outcome']}")
-    expect(figures["seconds"] < 30, f"the rejection took {figures['seconds']} s")
-
-
-def main() -> Checks:
-    checks = Checks()
-    checks.summary.update(torch=torch.__version__, gpu=torch.cuda.get_device_name(0))
-    ray.init(num_cpus=8, num_gpus=torch.cuda.device_count(), include_dashboard=False)
-    with tempfile.TemporaryDirectory() as tmp_name:
-        for name, path in [
-            ("A_nccl_one_worker", nccl_one_worker),
-            ("B_gloo_shared_gpu_vs_cpu", gloo_shared_gpu_vs_cpu),
-            ("C_offload_bf16_checkpointing", offload_bf16_checkpointing),
-            ("D_nccl_shared_gpu", nccl_shared_gpu_rejected),
-        ]:
-            directory = Path(tmp_name) / name
-            directory.mkdir()
-            checks.run(name, lambda figures, expect, path=path, directory=directory: path(directory, figures, expect))
-    return checks
+def nccl_shared_gpu_rejected(tmp: Path, figures: dict[str, Any], expect: Expect) -> None:
+    attempt = partial(fit, tmp, MLP(), workers=2, use_gpu=True, gpus_per_worker=0.5, collective_timeout=60)
+    expect_refused_before_start(attempt, figures, expect)
 
 
 if __name__ == "__main__":
-    try:
-        checks = main()
-        result, failures = checks.summary, checks.failures
-    except Exception:  # no GPU, no Ray: nothing was checked
-        result, failures = {"crash": traceback.format_exc()}, ["the checks could not start"]
-    result["failures"] = failures
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(text)
-    print("FAILED: " + "; ".join(failures) if failures else "all fsdp GPU checks passed", file=sys.stderr)
-    sys.exit(1 if failures else 0)
+    run_checks(
+        "fsdp",
+        {
+            "A_nccl_one_worker": nccl_one_worker,
+            "B_gloo_shared_gpu_vs_cpu": gloo_shared_gpu_vs_cpu,
+            "C_offload_bf16_checkpointing": offload_bf16_checkpointing,
+            "D_nccl_shared_gpu": nccl_shared_gpu_rejected,
+        },
+    )

@@ -115,3 +115,18 @@ def test_anything_else_is_rejected(thing: object) -> None:
 def test_invalid_driver_resources_are_rejected(driver: object) -> None:
     with pytest.raises(ConfigurationError, match="driver_resources"):
         get_tune_resources("ddp", workers=2, driver_resources=driver)  # type: ignore[arg-type]
+
+
+def test_an_elastic_strategy_reserves_its_most_workers_unless_told_otherwise() -> None:
+    elastic = get_strategy("ddp", workers=(1, 3), cpus_per_worker=2)
+    assert get_tune_resources(elastic).bundles == [{"CPU": 2.0}] * 3
+    assert get_tune_resources("ddp", workers=(1, 3), cpus_per_worker=2).bundles == [{"CPU": 2.0}] * 3
+    assert get_tune_resources(elastic, reserve_workers=2).bundles == [{"CPU": 2.0}] * 2
+
+
+@pytest.mark.parametrize("count", [0, 4, 2.0, True])
+def test_reserve_workers_stays_inside_the_strategys_range(count: object) -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"reserve_workers=.*from the strategy's fewest to its most workers, 1 to 3"
+    ):
+        get_tune_resources("ddp", workers=(1, 3), reserve_workers=count)  # type: ignore[arg-type]

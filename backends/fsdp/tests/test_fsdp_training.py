@@ -11,6 +11,9 @@ fit once:
 - ``sgd_run``: 2 workers, SGD, with activation checkpointing on every Linear.
 - ``tensor_parallel_run``: 2 workers with ``tensor_parallel=2`` on a model whose ``configure_model`` applies torch's
   ``parallelize_module`` (column- then row-wise Linear layers); the strategy adds FSDP on the data-parallel dimension.
+
+A predict_step that calls the layers directly instead of ``self(x)`` predicts the same as one process, from a
+dataloader with a length and from a Ray Dataset (streamed, no length).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from raylane import get_strategy
-from raylane.testing import ClassifierModel, ReferenceSampler, ensure_local_ray, make_dataset
+from raylane.data import from_ray
+from raylane.testing import ClassifierModel, ReferenceSampler, assert_released, ensure_local_ray, make_dataset
+from raylane.testing.ray_data import make_ray_dataset
 from raylane_fsdp.checkpoint import load_full_checkpoint
 
 pytestmark = pytest.mark.timeout(600)
@@ -304,3 +309,36 @@ def test_tensor_parallel_trains_and_predicts_like_one_process(
     plain_fit(reference, 2)  # tensor-parallel ranks share batches: the reference batch is one rank's
     assert_same_weights(fitted, weights(reference), "tensor_parallel=2")
     assert_same_predictions(predictions, expected_predictions(reference))
+
+
+class DirectCallClassifier(MLPClassifier):
+    """predict_step calls its layers directly, never ``self(x)``: FSDP's forward hooks do not run for the root unit,
+    which owns the last Linear layer here (the two others are units of their own)."""
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Any:
+        if isinstance(batch, dict):  # from_ray
+            return {"id": batch["id"], "output": self.layer(batch["x"])}
+        return self.layer(batch[0])
+
+
+def test_predict_step_that_calls_layers_directly_predicts_like_one_process(
+    initial: dict[str, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
+    ensure_local_ray()
+    model = fresh(DirectCallClassifier, initial["mlp"])
+    strategy = get_strategy("fsdp", workers=2, idle_timeout=60, min_wrap_params=MIN_WRAP_PARAMS)
+    trainer = pl.Trainer(strategy=strategy, default_root_dir=str(tmp_path), **QUIET)
+    try:
+        # A length: every rank runs the same number of steps (one repeats its last batch), each gathering the root.
+        assert_same_predictions(trainer.predict(model, predict_loader()), expected_predictions(model))
+        # Streamed, no length: the ranks run different numbers of steps on the whole, gathered model.
+        streamed = trainer.predict(model, from_ray(make_ray_dataset(61), batch_size=8))
+    finally:
+        trainer.strategy.release_workers()  # type: ignore[attr-defined]
+    inputs = {int(row["id"]): torch.as_tensor(row["x"]) for row in make_ray_dataset(61).iter_rows()}
+    ids = torch.cat([batch["id"] for batch in streamed]).tolist()
+    assert sorted(ids) == list(range(61)), "every row exactly once"
+    with torch.no_grad():
+        expected = model(torch.stack([inputs[i] for i in ids]))
+    torch.testing.assert_close(torch.cat([batch["output"] for batch in streamed]), expected, atol=1e-4, rtol=0)
+    assert_released()

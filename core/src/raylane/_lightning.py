@@ -197,6 +197,13 @@ class LauncherSlot:
         self._launcher = self.make_launcher()
 
 
+def set_data_parallel_size(strategy: Any, size: int) -> None:
+    """Make a ``ModelParallelStrategy`` (Lightning >= 2.4) build its mesh for ``size`` data-parallel ranks: an elastic
+    run's count, which differs from the one the strategy was built for on the driver. Call before its
+    ``setup_environment``."""
+    strategy._data_parallel_size = size
+
+
 def with_ckpt_path(
     function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ckpt_path: str
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

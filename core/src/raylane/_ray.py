@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import subprocess
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +73,8 @@ def upload_local_code(runtime_env: Mapping[str, Any]) -> dict[str, Any]:
 
     Ray uploads local folders only for a job's runtime_env (``ray.init``, ``ray job submit``) and rejects them in an
     actor's options; raylane's workers are actors, so the driver uploads them as ``ray.init`` would (content-hashed:
-    an unchanged folder is not sent twice). A Ray Client driver's folders are left to Ray, which says what to do.
+    an unchanged folder is not sent twice, but it is zipped and hashed on every call: call it once per worker group).
+    A Ray Client driver's folders are left to Ray, which says what to do.
     """
     env = dict(runtime_env)
     if "working_dir" not in env and "py_modules" not in env:
@@ -86,3 +90,73 @@ def upload_local_code(runtime_env: Mapping[str, Any]) -> dict[str, Any]:
         env = upload_working_dir_if_needed(env, include_gitignore=include_gitignore, scratch_dir=scratch, logger=log)
     env.pop("excludes", None)  # applied by the upload; not an actor option
     return env
+
+
+def is_driver() -> bool:
+    """Whether this process is connected to Ray as a driver (a script or notebook), not as one of Ray's worker
+    processes (a task, an actor, a Tune trial) nor as a Ray Client."""
+    if ray.util.client.ray.is_connected():
+        return False
+    try:
+        from ray._private.worker import global_worker
+
+        return bool(global_worker.mode == ray.SCRIPT_MODE)
+    except Exception:  # a Ray that moved it: then start nothing early
+        log.debug("Ray did not say whether this is a driver", exc_info=True)
+        return False
+
+
+CORE_GRACE_S = 1.0  # what Ray gives its raylet and its GCS after SIGTERM before it kills them
+OTHERS_GRACE_S = 0.2  # the helper processes (autoscaler monitor, log monitor, ...): Ray waits a second for each
+
+
+def stop_ray() -> None:
+    """``ray.shutdown()`` without its waits, for a script that is exiting.
+
+    Ray's exit hook sleeps half a second (for log lines still in flight), then stops the processes it started one at
+    a time, giving each up to a second after SIGTERM; its autoscaler monitor takes all of that second. Here the driver
+    disconnects as ``ray.shutdown()`` does it, the raylet (which stops its worker processes) and then the GCS are
+    stopped as Ray stops them (each exits within milliseconds of SIGTERM once the driver is gone; stopped together,
+    they wait for each other), and the other processes get SIGTERM at once, then SIGKILL after
+    :data:`OTHERS_GRACE_S`. A Ray this process only connected to has none of its processes here: it is only
+    disconnected.
+    """
+    try:
+        from ray._private import ray_constants
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        processes = {
+            kind: [info.process for info in infos] for kind, infos in (node.all_processes if node else {}).items()
+        }
+        core = [ray_constants.PROCESS_TYPE_RAYLET, ray_constants.PROCESS_TYPE_GCS_SERVER]
+        ray_worker._global_node = None  # ray.shutdown() below then only disconnects
+    except Exception:  # a Ray that moved them: its own shutdown, with its waits
+        log.debug("stopping Ray the quick way failed; using ray.shutdown()", exc_info=True)
+        ray.shutdown()
+        return
+    try:
+        ray.shutdown()
+        if node is not None and node.is_head():
+            node.destroy_external_storage()  # objects spilled to disk, as ray.shutdown() removes them
+    finally:
+        for kind in core:
+            _stop_processes(processes.pop(kind, []), CORE_GRACE_S)
+        _stop_processes([process for rest in processes.values() for process in rest], OTHERS_GRACE_S)
+
+
+def _stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM to each, then SIGKILL to those still running after ``grace_s`` (one deadline for all)."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            try:
+                process.wait(timeout=CORE_GRACE_S)
+            except subprocess.TimeoutExpired:  # stuck in the kernel; init reaps it once it dies
+                log.debug("Ray process %d did not die on SIGKILL", process.pid)

@@ -21,10 +21,11 @@ REGISTRY_DEFAULT_WORKERS = 2
 def get_strategy(name: str, *, lightning: ModuleType | str | None = None, **options: Any) -> Strategy:
     """A Lightning strategy that runs the Trainer's entry points on ``workers`` Ray actors with backend ``name``.
 
-    Shared options (see :class:`raylane.options.LaunchOptions`): ``workers`` (required), ``cpus_per_worker``,
-    ``use_gpu``, ``gpus_per_worker``, ``resources_per_worker``, ``placement_strategy``, ``init_hook``, ``env``,
-    ``runtime_env``, ``resource_timeout``, ``collective_timeout``, ``heartbeat_timeout``, ``max_failures``,
-    ``idle_timeout``, ``reuse_workers``. Anything else must be one of the backend's own options; an unknown name fails
+    Shared options (see :class:`raylane.options.LaunchOptions`): ``workers`` (required; a count, or ``(min, max)`` for
+    an elastic run, see :mod:`raylane.elastic`), ``cpus_per_worker``, ``use_gpu``, ``gpus_per_worker``,
+    ``resources_per_worker``, ``placement_strategy``, ``init_hook``, ``env``, ``runtime_env``, ``resource_timeout``,
+    ``collective_timeout``, ``heartbeat_timeout``, ``max_failures``, ``idle_timeout``, ``reuse_workers``,
+    ``min_workers``, ``grow_after_s``. Anything else must be one of the backend's own options; an unknown name fails
     with the list of valid ones, before any actor starts.
 
     ``lightning`` says which Lightning the Trainer comes from (``"pytorch_lightning"`` or ``"lightning.pytorch"``, or

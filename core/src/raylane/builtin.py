@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from raylane import _ray, console, environment, placement, topology
+from raylane import console, elastic, environment, placement, topology
 from raylane.context import WorkerContext
 from raylane.hookspecs import hookimpl
 from raylane.options import LaunchOptions
@@ -15,6 +15,17 @@ from raylane.options import LaunchOptions
 @hookimpl(trylast=True)
 def raylane_placement_bundles(options: LaunchOptions) -> list[dict[str, float]]:
     return [options.worker_resources() for _ in range(options.workers)]
+
+
+@hookimpl(trylast=True)
+def raylane_resumes_on_any_world_size() -> bool:
+    return False  # unless the backend says so: an elastic run must never meet a checkpoint it cannot load
+
+
+@hookimpl(trylast=True)
+def raylane_workers_that_fit(options: LaunchOptions) -> int | None:
+    free = elastic.free_resources()
+    return None if free is None else elastic.workers_that_fit(options, free)
 
 
 @hookimpl(trylast=True)
@@ -36,7 +47,8 @@ def raylane_worker_actor_options(options: LaunchOptions) -> dict[str, Any]:
         "max_concurrency": 2,
     }
     if options.runtime_env is not None:
-        actor_options["runtime_env"] = _ray.upload_local_code(options.runtime_env)
+        # Local folders are already uploaded (once per group, raylane.group): these are Ray's URIs for them.
+        actor_options["runtime_env"] = dict(options.runtime_env)
     return actor_options
 
 

@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylane import culprit
+from raylane import _ray, culprit
 from raylane.context import WorkerContext
 from raylane.errors import StorageError, WorkerError, worker_error
 from raylane.heartbeat import Heartbeat
@@ -74,8 +74,9 @@ class WorkerGroup:
         self.reservation = self.host.reserve_workers(bundles, self.options, f"raylane-{self.run_id}")
         self.marks["placement_ready"] = time.time()
         worker_class = ray.remote(Worker)
+        actor_launch_options = self._with_uploaded_code()
         for rank, bundle_index in enumerate(self.reservation.bundle_indices):
-            actor_options = self.host.worker_actor_options(self.options, bundle_index)
+            actor_options = self.host.worker_actor_options(actor_launch_options, bundle_index)
             actor_options.update(
                 name=f"raylane:{self.host.backend}:{self.run_id}:rank-{rank}",
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -87,7 +88,15 @@ class WorkerGroup:
         self.placements = self._gather([actor.describe.remote() for actor in self.actors])
         self.marks["actors_alive"] = time.time()
         self._refresh_contexts()
+        self.marks["contexts_ready"] = time.time()
         return self
+
+    def _with_uploaded_code(self) -> LaunchOptions:
+        """The options the actor-option hooks see: ``runtime_env``'s local folders already uploaded, once for the
+        whole group (zipping and hashing a project folder per worker would grow start-up with the worker count)."""
+        if self.options.runtime_env is None:
+            return self.options
+        return replace(self.options, runtime_env=_ray.upload_local_code(self.options.runtime_env))
 
     def _refresh_contexts(self) -> None:
         # A fresh store for every run: nothing of the previous rendezvous can leak into this one.
@@ -171,15 +180,18 @@ class WorkerGroup:
         results: dict[int, Any] = {}
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=RELAY_POLL_S)
-            for ref in ready:
-                try:
-                    results[rank_of[ref]] = ray.get(ref)
-                except (RayTaskError, RayActorError) as err:
-                    if on_message is not None:
-                        self._relay(on_message)  # what rank 0 said before the failure (e.g. its last checkpoint)
-                    rank, cause, what = self._root_cause(rank_of, pending, rank_of[ref], err)
-                    raise self._worker_error(rank, cause, what) from (cause if isinstance(cause, Exception) else err)
+            # Everything that is ready by the poll, not one ref per pass: with a pass per ref, the heartbeat and the
+            # relay poll would run once per worker while the outputs come back.
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=RELAY_POLL_S)
+            try:
+                results.update(zip((rank_of[ref] for ref in ready), ray.get(ready)))  # fetched in parallel
+            except (RayTaskError, RayActorError):
+                failed, err = self._first_failure(ready)
+                if on_message is not None:
+                    self._relay(on_message)  # what rank 0 said before the failure (e.g. its last checkpoint)
+                others = [ref for ref in ready if ref != failed] + pending  # a peer's own error may be among them
+                rank, cause, what = self._root_cause(rank_of, others, rank_of[failed], err)
+                raise self._worker_error(rank, cause, what) from (cause if isinstance(cause, Exception) else err)
             silent = heartbeat.check() if heartbeat is not None else None
             if silent is not None:
                 raise self._worker_error(
@@ -193,6 +205,16 @@ class WorkerGroup:
         if on_message is not None:
             self._relay(on_message)
         return [results[index] for index in range(len(refs))]
+
+    @staticmethod
+    def _first_failure(refs: list[ray.ObjectRef]) -> tuple[ray.ObjectRef, RayTaskError | RayActorError]:
+        """The first of ``refs`` that holds an error (one of them does), with its error."""
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except (RayTaskError, RayActorError) as err:
+                return ref, err
+        raise AssertionError("ray.get raised for one of these refs, but none holds an error")
 
     def _root_cause(
         self, rank_of: dict[ray.ObjectRef, int], pending: list[ray.ObjectRef], rank: int, err: Exception

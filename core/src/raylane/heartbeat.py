@@ -15,6 +15,15 @@ from dataclasses import dataclass
 import ray
 
 PING_PERIOD_S = 1.0
+# The driver pings at most this many workers a second, however many there are: a ping costs it about 0.4 ms of CPU
+# (benchmarks/startup_scaling.py), so 1,024 workers pinged every second would keep 40% of a core busy.
+MAX_PINGS_PER_S = 100.0
+
+
+def ping_period(workers: int, timeout_s: float) -> float:
+    """Seconds between two pings of one worker: ``PING_PERIOD_S``, longer when more than ``MAX_PINGS_PER_S`` workers
+    would be pinged a second, but never above a third of ``timeout_s``, so a live worker answers well within it."""
+    return max(PING_PERIOD_S, min(workers / MAX_PINGS_PER_S, timeout_s / 3))
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,7 @@ class Heartbeat:
     def __init__(self, actors: Sequence[ray.actor.ActorHandle], timeout_s: float) -> None:
         self._actors = list(actors)
         self._timeout_s = timeout_s
+        self._period_s = ping_period(len(self._actors), timeout_s)
         now = time.monotonic()
         self._last_answer = [now] * len(self._actors)
         self._pings: dict[ray.ObjectRef, int] = {}
@@ -49,7 +59,7 @@ class Heartbeat:
                 self._last_answer[rank] = now  # an error answer (actor died) is left to the run's own ref
         waiting = set(self._pings.values())
         for rank, actor in enumerate(self._actors):
-            if rank not in waiting and now - self._pinged_at[rank] >= PING_PERIOD_S:
+            if rank not in waiting and now - self._pinged_at[rank] >= self._period_s:
                 self._pings[actor.pid.remote()] = rank
                 self._pinged_at[rank] = now
         rank = min(range(len(self._actors)), key=self._last_answer.__getitem__, default=None)

@@ -63,6 +63,30 @@ def raylane_placement_bundles(options: LaunchOptions) -> list[dict[str, float]]:
 
 
 @hookspec(firstresult=True)
+def raylane_resumes_on_any_world_size(options: LaunchOptions, backend_options: Mapping[str, Any]) -> bool:
+    """*Driver.* Whether a fit this backend checkpointed on N workers resumes from that checkpoint on M workers.
+
+    An elastic run (``workers=(min, max)``) restarts from its newest checkpoint with however many workers fit, so a
+    backend whose checkpoints hold per-rank state that only the same world size can load (DeepSpeed's ZeRO partitions)
+    must not get one: the core rejects the range with a :class:`~raylane.ConfigurationError` when the strategy is
+    built, before any actor starts. The core's default answers False; a backend answers True when its checkpoints
+    hold whole tensors or reshard on load (``backend_options`` are its own options, for backends where that depends on
+    them).
+    """
+
+
+@hookspec(firstresult=True)
+def raylane_workers_that_fit(options: LaunchOptions) -> int | None:
+    """*Driver.* How many workers of ``options.worker_resources()`` could start now (each attempt of an elastic run).
+
+    An elastic run (``workers=(min, max)``) starts, and restarts after a failure, with as many workers as this says
+    fit, kept between ``options.min_workers`` and ``options.workers``. The default counts what the cluster's nodes have
+    free (``None`` when Ray cannot say: the run then tries the most workers briefly, then the fewest). An extension
+    answers when the workers go into resources it already holds, as the Tune bridge does with a trial's bundles.
+    """
+
+
+@hookspec(firstresult=True)
 def raylane_reserve_workers(bundles: list[dict[str, float]], options: LaunchOptions, name: str) -> WorkerReservation:
     """*Driver.* Where the workers go: a placement group and, per worker, the index of its bundle (worker launch).
 
@@ -78,7 +102,8 @@ def raylane_worker_actor_options(options: LaunchOptions, bundle_index: int) -> d
     """*Driver.* Keyword arguments for ``ActorClass.options(...)`` of the worker in ``bundle_index`` (worker launch).
 
     Results are merged, the core's defaults first, so a backend can add (``runtime_env``, ``max_restarts``) or override.
-    Placement in the bundle is always set by the core afterwards.
+    Placement in the bundle is always set by the core afterwards. In ``options.runtime_env`` the local ``working_dir``
+    and ``py_modules`` folders are already uploaded (once for all the workers) and named by their Ray URIs.
     """
 
 

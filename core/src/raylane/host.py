@@ -66,6 +66,12 @@ class BackendHost:
     def placement_bundles(self, options: LaunchOptions) -> list[dict[str, float]]:
         return list(self._pm.hook.raylane_placement_bundles(options=options))
 
+    def resumes_on_any_world_size(self, options: LaunchOptions, backend_options: Mapping[str, Any]) -> bool:
+        return bool(self._pm.hook.raylane_resumes_on_any_world_size(options=options, backend_options=backend_options))
+
+    def workers_that_fit(self, options: LaunchOptions) -> int | None:
+        return self._pm.hook.raylane_workers_that_fit(options=options)  # type: ignore[no-any-return]
+
     def reserve_workers(self, bundles: list[dict[str, float]], options: LaunchOptions, name: str) -> WorkerReservation:
         return self._pm.hook.raylane_reserve_workers(bundles=bundles, options=options, name=name)  # type: ignore[no-any-return]
 

@@ -7,12 +7,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from raylane import _lightning, _ray, console, relay, shards, storage
-from raylane.errors import ConfigurationError, WorkerError
+from raylane import _lightning, _ray, console, elastic, local_ray, relay, shards, storage
+from raylane.errors import ConfigurationError, ResourceError, WorkerError
 from raylane.group import WorkerGroup
 from raylane.idle import IdleWatch
 from raylane.local_ray import ensure_ray
@@ -20,6 +21,7 @@ from raylane.payload import GlobalTorchState, LaunchPayload, put_payload
 from raylane.predictions import merge_predictions
 from raylane.registry import backend_host
 from raylane.results import apply_output
+from raylane.warm_start import WarmStart
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -54,8 +56,15 @@ class RayLauncher:
         self._busy = False
         self._idle_watch: IdleWatch | None = None
         self.last_checkpoint: str | None = None  # newest checkpoint rank 0 saved, where a restart resumes from
+        self.last_world_size: int | None = None  # the worker count of the latest run (elastic runs change it)
+        self._run_options: LaunchOptions | None = None  # the strategy's options sized for the current attempt
+        self._resized_from: str | None = None  # the checkpoint an elastic fit stopped at to grow (raylane.elastic)
+        self._grown_to = 0  # the worker count a grow decision counted room for
         # Wall-clock marks (time.time()) of the last entry point, on the driver and on each rank: see benchmarks/.
         self.timeline: dict[str, Any] = {}
+        self._warm_start: WarmStart | None = None  # workers started when the Trainer was built (raylane.warm_start)
+        self._warm_finalizer: weakref.finalize | None = None
+        self._take_warm_start(self._start_workers_early())
 
     @property
     def is_interactive_compatible(self) -> bool:
@@ -73,9 +82,23 @@ class RayLauncher:
         _fix_logger_versions(trainer)
         self.last_checkpoint = None  # a restart resumes from this entry point's checkpoints, never an earlier one's
         restarts = 0
+        size = self._first_size(host, options)
         while True:
             try:
-                return self._launch_once(host, trainer, function, args, kwargs, streams_ray_data)
+                result = self._launch_sized(host, options, size, trainer, function, args, kwargs, streams_ray_data)
+                if self._resized_from is None:
+                    return result
+                old, size = self.last_world_size or size, elastic.planned_size(host, options, at_least=self._grown_to)
+                log.warning(
+                    "raylane: room for more workers stayed free for %g s (grow_after_s); restarting fit from %s, "
+                    "world size %d -> %d (a resize, not counted against max_failures).",
+                    options.grow_after_s,
+                    self._resized_from,
+                    old,
+                    size,
+                )
+                args, kwargs = _lightning.with_ckpt_path(function, args, kwargs, self._resized_from)
+                continue
             except WorkerError as failure:
                 if trainer.state.fn != _lightning.FITTING or restarts >= options.max_failures:
                     raise
@@ -88,14 +111,53 @@ class RayLauncher:
                         node_id=failure.node_id,
                     ) from failure
                 restarts += 1
+                old = self.last_world_size or size
+                size = elastic.planned_size(host, options) if options.elastic else options.workers
                 log.warning(
-                    "raylane: worker rank %d failed; restarting fit from %s on fresh workers (restart %d of %d).",
+                    "raylane: worker rank %d failed; restarting fit from %s on fresh workers (restart %d of %d), "
+                    "world size %d -> %d.",
                     failure.rank,
                     self.last_checkpoint,
                     restarts,
                     options.max_failures,
+                    old,
+                    size,
                 )
                 args, kwargs = _lightning.with_ckpt_path(function, args, kwargs, self.last_checkpoint)
+
+    def _first_size(self, host: BackendHost, options: LaunchOptions) -> int:
+        """An elastic run keeps the size of its warm workers, else takes as many as fit now (at least the fewest)."""
+        if not options.elastic:
+            return options.workers
+        group = self._group
+        assert options.min_workers is not None
+        if group is not None and group.actors and options.min_workers <= group.options.workers <= options.workers:
+            return group.options.workers
+        return elastic.planned_size(host, options)
+
+    def _launch_sized(
+        self, host: BackendHost, options: LaunchOptions, size: int, trainer: pl.Trainer, *entry_point: Any
+    ) -> Any:
+        """One attempt on ``size`` workers. More than the fewest are waited for briefly only: when they are gone by
+        now (another job took them), the attempt runs on ``min_workers``, waiting up to ``resource_timeout``."""
+        self._resized_from, self._grown_to = None, 0
+        run_options = options if size == options.workers and not options.elastic else options.sized(size)
+        assert options.min_workers is not None
+        if size > options.min_workers:
+            brief = replace(run_options, resource_timeout=min(options.resource_timeout, elastic.BRIEF_WAIT_S))
+            try:
+                self._run_options = brief
+                return self._launch_once(host, trainer, *entry_point)
+            except ResourceError as busy:
+                log.warning(
+                    "raylane: %d workers no longer fit (%s); starting %d (min_workers).",
+                    size,
+                    str(busy).split(".")[0],
+                    options.min_workers,
+                )
+            run_options = options.sized(options.min_workers)
+        self._run_options = run_options
+        return self._launch_once(host, trainer, *entry_point)
 
     def _launch_once(
         self,
@@ -109,7 +171,7 @@ class RayLauncher:
         marks = {"launch": time.time()}
         # Ray Datasets are split afresh for each attempt; the payload holds the split until this entry point ends.
         predicting = trainer.state.fn == _lightning.PREDICTING
-        data_args, data_kwargs = shards.split_for_workers(args, kwargs, self._strategy.launch_options, predicting)
+        data_args, data_kwargs = shards.split_for_workers(args, kwargs, self._options(), predicting)
         payload = put_payload(LaunchPayload(trainer, function, data_args, data_kwargs, GlobalTorchState.capture()))
         marks["payload_stored"] = time.time()
         with self._lock:
@@ -119,7 +181,12 @@ class RayLauncher:
         try:
             group = self._warm_group(host)
             group.check_storage(storage.find_targets(trainer, _lightning.ckpt_path_of(function, args, kwargs)))
-            outputs = group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
+            grow_watch = self._watch_for_room(group, trainer)
+            try:
+                outputs = group.run(payload, lambda topic, data: self._on_message(host, trainer, topic, data))
+            finally:
+                if grow_watch is not None:
+                    grow_watch.cancel()
             # A warm group's start() marks belong to an earlier entry point.
             marks.update({name: at for name, at in group.marks.items() if at >= marks["launch"]})
             marks["outputs_received"] = time.time()
@@ -128,6 +195,9 @@ class RayLauncher:
             self.release()
             raise
         self._busy = False
+        if self._resized_from is not None:  # stopped to grow: these workers make way for the bigger run
+            self.release()
+            return None
         self._watch_idle_workers()
         marks["workers_released_or_kept"] = time.time()
         rank_zero = outputs[0].rank_zero
@@ -145,14 +215,23 @@ class RayLauncher:
             )
         return rank_zero.results
 
+    def _options(self) -> LaunchOptions:
+        """The options of the current attempt: the strategy's, sized to this attempt's worker count."""
+        return self._run_options if self._run_options is not None else self._strategy.launch_options
+
     def _warm_group(self, host: BackendHost) -> WorkerGroup:
-        if self._group is not None and self._group.is_alive():
+        options = self._options()
+        if self._group is not None and self._group.options.workers == options.workers and self._group.is_alive():
+            self.last_world_size = options.workers
             return self._group
+        early = self._claim_early_workers(host.backend, options)
         self.release()
-        options = self._strategy.launch_options
         others = [launcher for launcher in list(_LAUNCHERS) if launcher is not self]
-        # A later Trainer of this driver trains on an earlier one's idle workers when they look the same.
-        group = next((g for g in (other._hand_over_if_idle(host.backend, options) for other in others) if g), None)
+        # The workers started when the Trainer was built; else a later Trainer of this driver trains on an earlier
+        # one's idle workers when they look the same.
+        group = early or next(
+            (g for g in (other._hand_over_if_idle(host.backend, options) for other in others) if g), None
+        )
         if group is not None:
             group.serve(host, options, self._strategy.backend_options)
         else:
@@ -162,11 +241,88 @@ class RayLauncher:
             group = WorkerGroup(host, options, self._strategy.backend_options)
         self._group = group
         self._finalizer = weakref.finalize(self, group.shutdown)
-        reused = bool(group.actors)
-        if not reused:
+        started = bool(group.actors)
+        if not started:
             group.start()
-        _log_start(group, reused)
+        self.last_world_size = options.workers
+        _log_start(group, started and group is not early)
         return group
+
+    def _start_workers_early(self) -> WarmStart | None:
+        """Start this Trainer's workers now, while the script loads its data, unless an earlier Trainer's idle
+        workers will serve it, or nothing may start early here (raylane.local_ray.start_for_workers)."""
+        options = self._strategy.launch_options
+        if options.elastic or options.idle_timeout <= 0:
+            return None
+        try:
+            return self._early_workers(options)
+        except Exception:  # a head start only: building the Trainer must not fail for it
+            log.debug("raylane: could not start the workers early", exc_info=True)
+            return None
+
+    def _early_workers(self, options: LaunchOptions) -> WarmStart | None:
+        host = backend_host(self._strategy.backend_name)
+        for other in [launcher for launcher in list(_LAUNCHERS) if launcher is not self]:
+            # Idle workers of an earlier Trainer, or the early workers of one not yet run (a re-run notebook cell's),
+            # serve this one's first entry point (see _warm_group).
+            if other._has_idle_workers_like(host.backend, options) or other._has_warm_start_like(host.backend, options):
+                return None
+        if not local_ray.start_for_workers(options.workers * options.cpus_per_worker):
+            return None
+        lightning = self._strategy.lightning
+        preload = [lightning.__name__] if lightning is not None else []
+        return WarmStart(host, options, self._strategy.backend_options, preload)
+
+    def early_workers_ready(self, timeout_s: float | None = None) -> bool:
+        """Wait up to ``timeout_s`` for the workers started when the Trainer was built; whether they are up and wait
+        for the first entry point (for benchmarks and tests: ``fit`` waits for them by itself)."""
+        warm = self._warm_start
+        return warm is not None and warm.wait(timeout_s)
+
+    def _take_warm_start(self, warm: WarmStart | None) -> None:
+        if warm is not None:
+            self._warm_start = warm
+            self._warm_finalizer = weakref.finalize(self, warm.release, "its Trainer was dropped")
+
+    def _has_warm_start_like(self, backend: str, options: LaunchOptions) -> bool:
+        with self._lock:
+            warm = self._warm_start
+            return warm is not None and warm.host.backend == backend and warm.options.same_workers(options)
+
+    def _give_up_warm_start(self, backend: str, options: LaunchOptions) -> WarmStart | None:
+        """This launcher's unclaimed early workers, for another Trainer whose workers would look the same."""
+        with self._lock:
+            warm = self._warm_start
+            if warm is None or warm.host.backend != backend or not warm.options.same_workers(options):
+                return None
+            if self._warm_finalizer is not None:
+                self._warm_finalizer.detach()
+            self._warm_start, self._warm_finalizer = None, None
+            return warm
+
+    def _claim_early_workers(self, backend: str, options: LaunchOptions) -> WorkerGroup | None:
+        """The workers started when the Trainer was built, now this launcher's group; None when there are none or
+        they no longer fit ``options``."""
+        with self._lock:
+            warm, self._warm_start = self._warm_start, None
+            if self._warm_finalizer is not None:
+                self._warm_finalizer.detach()
+            self._warm_finalizer = None
+        if warm is None:  # another Trainer's, not yet run, that started none for this one
+            others = [launcher for launcher in list(_LAUNCHERS) if launcher is not self]
+            warm = next((w for w in (other._give_up_warm_start(backend, options) for other in others) if w), None)
+        group = warm.claim() if warm is not None else None
+        if group is not None and (group.host.backend != backend or not group.options.same_workers(options)):
+            group.shutdown()
+            return None
+        return group
+
+    def _has_idle_workers_like(self, backend: str, options: LaunchOptions) -> bool:
+        with self._lock:
+            group = self._group
+            if self._busy or group is None or group.host.backend != backend:
+                return False
+            return group.options.same_workers(options)
 
     def _hand_over_if_idle(self, backend: str, options: LaunchOptions) -> WorkerGroup | None:
         """This launcher's idle workers, given up to a Trainer whose workers would look the same; else None."""
@@ -174,14 +330,19 @@ class RayLauncher:
             group = self._group
             if self._busy or group is None or group.host.backend != backend:
                 return None
-            if not group.options.same_workers(options) or not group.is_alive():
+            if not group.options.same_workers(options):
                 return None
             if self._idle_watch is not None:
                 self._idle_watch.cancel()
             if self._finalizer is not None:
                 self._finalizer.detach()  # the group now belongs to the new launcher, which shuts it down
             self._group, self._finalizer, self._idle_watch = None, None, None
+        # Pinged after the lock: a frozen worker's ping takes seconds, and this launcher's own next entry point or
+        # idle watch must not wait for it. A group that does not answer is of no use to either launcher.
+        if group.is_alive():
             return group
+        group.shutdown()
+        return None
 
     def release(self) -> None:
         """Stop the warm workers and free their resources now."""
@@ -190,7 +351,7 @@ class RayLauncher:
 
     def _release_if_idle(self, reason: str) -> None:
         with self._lock:  # atomic with the next entry point's claim, so a run never loses its workers mid-start
-            if self._busy or self._group is None:
+            if self._busy or (self._group is None and self._warm_start is None):
                 return
             log.info("raylane: releasing the idle warm workers: %s.", reason)
             self._release_locked()
@@ -198,6 +359,9 @@ class RayLauncher:
     def _release_locked(self) -> None:
         if self._idle_watch is not None:
             self._idle_watch.cancel()
+        if self._warm_finalizer is not None:
+            self._warm_finalizer()  # runs the early start's release once
+        self._warm_start, self._warm_finalizer = None, None
         if self._finalizer is not None:
             self._finalizer()  # runs group.shutdown once
         self._group, self._finalizer, self._idle_watch = None, None, None
@@ -217,9 +381,31 @@ class RayLauncher:
             self._idle_watch = watch
         watch.start()
 
+    def _watch_for_room(self, group: WorkerGroup, trainer: pl.Trainer) -> elastic.GrowWatch | None:
+        """While an elastic fit runs below its most workers: a watch that asks it to grow once room stays free."""
+        options = self._strategy.launch_options
+        size = group.options.workers
+        if trainer.state.fn != _lightning.FITTING or not options.elastic or size >= options.workers:
+            return None
+        reservation = group.reservation
+        if reservation is None or not reservation.owned:
+            return None  # inside someone else's placement group (a Tune trial's), which cannot grow
+        held = reservation.held_per_node([placement.node_id for placement in group.placements])
+        rank_zero = group.actors[0]
+
+        def grow(target: int) -> None:
+            self._grown_to = target
+            rank_zero.request_resize.remote()
+
+        watch = elastic.GrowWatch(options, size, held, grow)
+        watch.start()
+        return watch
+
     def _on_message(self, host: BackendHost, trainer: pl.Trainer, topic: str, payload: Any) -> None:
         if topic == relay.CHECKPOINT_SAVED:
             self.last_checkpoint = payload
+        elif topic == elastic.RESIZE_SAVED:
+            self._resized_from = payload
         elif not console.show(topic, payload):
             host.relay_metrics(trainer, topic, payload)
 
@@ -230,6 +416,7 @@ class RayLauncher:
     def __getstate__(self) -> dict[str, Any]:
         # The launcher travels inside the pickled Trainer; actor handles and the placement group stay on the driver.
         state = {**self.__dict__, "_group": None, "_finalizer": None, "_idle_watch": None, "_busy": False}
+        state.update(_warm_start=None, _warm_finalizer=None)
         del state["_lock"]
         return state
 

@@ -1,23 +1,38 @@
-"""A local Ray for scripts that do not connect to a cluster: started by the first entry point, or earlier, in the
-background, while the script goes on importing and loading its data (:func:`start_ray_in_background`)."""
+"""The local Ray of a script that does not connect to a cluster: started as soon as the script builds a raylane
+Trainer (or earlier, by :func:`start_ray_in_background`), in the background, so it comes up while the script goes on
+loading its data; and stopped quickly when the script exits.
+
+Starting early is the default only where it cannot surprise anyone (:func:`early_start_blocked`): in the main process
+of a script that connects to no cluster (no ``RAY_ADDRESS``), runs no Ray yet, and does not call ``ray.init`` itself;
+never inside Ray's own worker processes (they import raylane when they load a Trainer), in a child process, or under
+pytest (whose fixtures start Ray themselves). ``RAYLANE_EARLY_START=0`` turns it off.
+"""
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import logging
+import multiprocessing
 import os
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
+
+from raylane import _ray
 
 log = logging.getLogger(__name__)
 
 # What every worker actor imports before it can run anything; the Lightning namespace the driver uses is added.
 WORKER_MODULES = ("raylane.worker",)
 LIGHTNING_NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
+EARLY_START_ENV = "RAYLANE_EARLY_START"
+_OFF = ("0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
 
 
 class _BackgroundStart:
@@ -49,6 +64,7 @@ class _BackgroundStart:
 
 
 _background: _BackgroundStart | None = None
+_stop_at_exit_registered = False
 
 
 def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) -> None:
@@ -56,12 +72,13 @@ def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) 
     model) run while Ray comes up, and the first ``trainer.fit()`` waits only for what is left. Call it right after
     ``import raylane``, before importing Lightning and loading data, so there is something to overlap.
 
-    With ``preload=True`` Ray's worker processes import torch, Lightning and raylane as they start (one idle worker per
-    CPU starts at once), so the first entry point's workers start without importing them. That pays off only when the
-    script has that long (tens of seconds on a busy laptop) before its first ``fit``: until the idle workers are
-    ready, the entry point starts workers of its own, which import the same modules on the same cores. Every Python
-    worker Ray starts in this session then imports them too. ``num_cpus`` defaults to this machine's CPU count. Does
-    nothing when Ray is already running, when ``RAY_ADDRESS`` names a cluster, or when called twice.
+    Building a raylane Trainer does this by itself (with ``preload=True``) where it is safe (see the module's
+    docstring); call this to start even earlier, or in a script that calls ``ray.init`` elsewhere.
+
+    With ``preload=True`` Ray's worker processes import torch, Lightning and raylane as they start, so the workers'
+    first entry point does not import them. Every Python worker Ray starts in this session then imports them too.
+    ``num_cpus`` defaults to this machine's CPU count. Does nothing when Ray is already running, when ``RAY_ADDRESS``
+    names a cluster, or when called twice.
     """
     global _background
     if _background is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
@@ -71,24 +88,88 @@ def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) 
     _background = _BackgroundStart(num_cpus or os.cpu_count() or 1, _preload_modules() if preload else [])
 
 
+def early_start_blocked() -> str | None:
+    """Why nothing may start before the first entry point in this process (Ray, or the workers), or None.
+
+    ``RAYLANE_EARLY_START=0`` always blocks; ``=1`` allows it under pytest too.
+    """
+    setting = os.environ.get(EARLY_START_ENV, "").strip().lower()
+    if setting in _OFF:
+        return f"{EARLY_START_ENV}={os.environ[EARLY_START_ENV]}"
+    if multiprocessing.parent_process() is not None:
+        return "a child process (multiprocessing) starts nothing of its own"
+    if setting not in _ON and _under_pytest():
+        return "under pytest, whose fixtures start Ray themselves"
+    return None
+
+
+def _under_pytest() -> bool:
+    # pytest sets PYTEST_VERSION for its whole run; its subprocesses inherit it, so a script a test runs counts only
+    # when it imports pytest too (raylane.testing does).
+    return "_pytest" in sys.modules and "PYTEST_VERSION" in os.environ
+
+
+def start_for_workers(cpus_needed: float) -> bool:
+    """Whether a Trainer's workers may start now, before its first entry point (:mod:`raylane.warm_start`).
+
+    They may when nothing blocks an early start and Ray runs in this process as a driver (not a Ray worker, not a
+    Ray Client), or when raylane may start its local Ray: then it starts now, in the background, with the workers'
+    imports preloaded. That is the Ray the first entry point would start (no ``RAY_ADDRESS``, none running), except in
+    a script that calls ``ray.init`` itself: a Ray started before that call would make it fail.
+    """
+    global _background
+    if early_start_blocked() is not None:
+        return False
+    if _background is not None:
+        return True
+    if ray.is_initialized():
+        return _ray.is_driver()
+    if os.environ.get("RAY_ADDRESS") or _script_calls_ray_init():
+        return False
+    _background = _BackgroundStart(_cpus_for(cpus_needed), _preload_modules())
+    return True
+
+
+def wait_for_background_start() -> None:
+    """Wait for a background start begun here, if any; raise when it failed."""
+    if _background is not None:
+        _background.wait()
+
+
+def wait_for_early_start_or_drop_it() -> None:
+    """Wait for a background start; when it failed (Ray's 30 s limit for its raylet to register can pass on an
+    overloaded machine, where the start competed with the script's own work), forget it: the caller then starts Ray as
+    it would have without it, and a failure there is reported as Ray reports it."""
+    global _background
+    try:
+        wait_for_background_start()
+    except RuntimeError as failed:
+        log.warning("raylane: %s; starting Ray again, now.", failed)
+        _background = None
+
+
 def ensure_ray(cpus_needed: float) -> None:
     """Connect to Ray, starting a local instance when none is running (the laptop case).
 
     A local instance gets at least the CPUs the workers ask for, so ``workers=4`` runs on a 2-core laptop
     (oversubscribed) instead of waiting forever. On a cluster (``RAY_ADDRESS`` set or ``ray.init`` called) nothing is
-    started. A start begun by :func:`start_ray_in_background` is waited for.
+    started. A start begun in the background is waited for.
     """
-    if _background is not None:
-        _background.wait()
+    wait_for_early_start_or_drop_it()
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return
-    _init_local(max(os.cpu_count() or 1, int(-(-cpus_needed // 1))), [])
+    _init_local(_cpus_for(cpus_needed), [])
+
+
+def _cpus_for(cpus_needed: float) -> int:
+    return max(os.cpu_count() or 1, int(-(-cpus_needed // 1)))
 
 
 def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
+    global _stop_at_exit_registered
     log.info("raylane: starting a local Ray instance with %d CPUs", num_cpus)
     system_config = {"preload_python_modules": preload_modules} if preload_modules else None
     with _quiet_signal_warning():
@@ -100,15 +181,41 @@ def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
             logging_level=logging.WARNING,
             _system_config=system_config,
         )
+    if not _stop_at_exit_registered:
+        # Registered after Ray's own exit hook, so it runs first (atexit is last in, first out); Ray's then finds
+        # nothing left to do.
+        atexit.register(_stop_at_exit)
+        _stop_at_exit_registered = True
+
+
+def _stop_at_exit() -> None:
+    """The script is exiting: stop the Ray raylane started without Ray's waits (:func:`raylane._ray.stop_ray`)."""
+    if ray.is_initialized():
+        _ray.stop_ray()
+
+
+def _script_calls_ray_init() -> bool:
+    """Whether the script this interpreter runs mentions ``ray.init``: it then picks its own Ray, maybe after building
+    the Trainer. A notebook or a REPL has no script to read; there, call ``ray.init`` before building the Trainer."""
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    if not path:
+        return False
+    try:
+        return "ray.init" in Path(path).read_text(errors="replace")
+    except OSError:
+        return False
 
 
 def _preload_modules() -> list[str]:
     """raylane's worker module and the Lightning the workers will unpickle: the one the driver imported, or, when it
-    has imported none yet (the call came first, as it should), whichever is installed."""
-    lightning = [name for name in LIGHTNING_NAMESPACES if name in sys.modules] or [
-        name for name in LIGHTNING_NAMESPACES if _installed(name)
-    ][:1]
-    return [*WORKER_MODULES, *lightning]
+    has imported none yet, whichever is installed."""
+    return [*WORKER_MODULES, *lightning_modules()]
+
+
+def lightning_modules() -> list[str]:
+    """The Lightning namespace the driver imported, or, when it has imported none yet, whichever is installed."""
+    imported = [name for name in LIGHTNING_NAMESPACES if name in sys.modules]
+    return imported or [name for name in LIGHTNING_NAMESPACES if _installed(name)][:1]
 
 
 def _installed(module: str) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from raylane.errors import ConfigurationError
@@ -22,6 +22,8 @@ class LaunchOptions:
     """
 
     workers: int
+    """How many workers a run uses. ``workers=(min, max)`` (or ``min_workers=min`` with ``workers=max``, the form for
+    configuration files) makes the run elastic: this is then the most workers, and ``min_workers`` the fewest."""
     cpus_per_worker: float = 1
     use_gpu: bool = False
     gpus_per_worker: float | None = None
@@ -36,9 +38,13 @@ class LaunchOptions:
     max_failures: int = 0
     idle_timeout: float = 30.0
     reuse_workers: bool = True
+    min_workers: int | None = None  # None: the same as workers (a fixed count); see :mod:`raylane.elastic`
+    grow_after_s: float = 60.0  # an elastic run grows once capacity for more workers has been free this long
 
     def __post_init__(self) -> None:
-        _check_workers(self.workers)
+        most, fewest = worker_range(self.workers, self.min_workers)
+        object.__setattr__(self, "workers", most)  # frozen: normalised once, here
+        object.__setattr__(self, "min_workers", fewest)
         _check_amount("cpus_per_worker", self.cpus_per_worker)
         if not isinstance(self.use_gpu, bool):
             raise ConfigurationError(f"use_gpu must be True or False, got {self.use_gpu!r}.")
@@ -80,6 +86,7 @@ class LaunchOptions:
         _check_amount("collective_timeout", self.collective_timeout, allow_zero=False)
         _check_amount("heartbeat_timeout", self.heartbeat_timeout, allow_zero=False)
         _check_amount("idle_timeout", self.idle_timeout)
+        _check_amount("grow_after_s", self.grow_after_s)
         if not isinstance(self.reuse_workers, bool):
             raise ConfigurationError(f"reuse_workers must be True or False, got {self.reuse_workers!r}.")
         if not self.worker_resources():
@@ -96,6 +103,15 @@ class LaunchOptions:
         if not self.use_gpu:
             return 0.0
         return 1.0 if self.gpus_per_worker is None else float(self.gpus_per_worker)
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the worker count is a range (``workers=(min, max)`` with min < max)."""
+        return self.min_workers is not None and self.min_workers < self.workers
+
+    def sized(self, workers: int) -> LaunchOptions:
+        """These options for one run of exactly ``workers`` workers (an elastic run's current size)."""
+        return replace(self, workers=workers, min_workers=workers)
 
     def same_workers(self, other: LaunchOptions) -> bool:
         """Whether actors started for ``other`` are what these options would start: the same count, resources,
@@ -138,11 +154,45 @@ def split_options(
     return launch, backend_options
 
 
-def _check_workers(workers: object) -> None:
-    if isinstance(workers, bool) or not isinstance(workers, int):
-        raise ConfigurationError(f"workers must be a whole number (int) of at least 1, got {workers!r}.")
-    if workers < 1:
+def worker_range(workers: object, min_workers: object = None) -> tuple[int, int]:
+    """``(most, fewest)`` workers from ``workers=N``, ``workers=(min, max)`` or ``workers=max, min_workers=min``."""
+    if isinstance(workers, (tuple, list)):
+        if len(workers) != 2:
+            raise ConfigurationError(
+                f"workers={workers!r}: a range is two whole numbers, workers=(min, max) such as workers=(2, 8); "
+                "for a fixed count write workers=N."
+            )
+        if min_workers is not None:
+            raise ConfigurationError(
+                f"workers={workers!r} with min_workers={min_workers!r} gives the fewest workers twice; write "
+                "workers=(min, max), or workers=max with min_workers=min."
+            )
+        fewest, most = workers
+        _check_workers(fewest, f"workers=(min, max) needs a whole number (int) >= 1 as min, got {fewest!r}")
+        _check_workers(most, f"workers=(min, max) needs a whole number (int) >= 1 as max, got {most!r}")
+        if fewest > most:
+            raise ConfigurationError(
+                f"workers={workers!r}: min is above max; write the smaller first, workers=({most}, {fewest})."
+            )
+        return most, fewest
+    if isinstance(workers, int) and not isinstance(workers, bool) and workers < 1:
         raise ConfigurationError(f"workers must be at least 1, got {workers}.")
+    _check_workers(workers, f"workers must be a whole number (int) of at least 1, or (min, max); got {workers!r}")
+    assert isinstance(workers, int)
+    if min_workers is None:
+        return workers, workers
+    _check_workers(min_workers, f"min_workers must be a whole number (int) of at least 1, got {min_workers!r}")
+    assert isinstance(min_workers, int)
+    if min_workers > workers:
+        raise ConfigurationError(
+            f"min_workers={min_workers} is above workers={workers}, the most workers; give min_workers <= workers."
+        )
+    return workers, min_workers
+
+
+def _check_workers(workers: object, message: str) -> None:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigurationError(f"{message}.")
 
 
 def _check_amount(name: str, value: object, *, allow_zero: bool = True) -> None:

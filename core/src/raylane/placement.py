@@ -60,7 +60,8 @@ def check_can_ever_fit(
     for name, amount in total_asked.items():
         if amount > total_cluster.get(name, 0) + 1e-9:
             raise ResourceError(f"The workers need more {name} than the whole cluster has. {summary}")
-    if any(not any(fits(bundle, node) for node in nodes) for bundle in bundles):
+    shapes = {tuple(sorted(bundle.items())) for bundle in bundles}  # workers share a few shapes: check each once
+    if any(not any(fits(dict(shape), node) for node in nodes) for shape in shapes):
         raise ResourceError(f"One worker's resources exceed every single node. {summary}")
     if strategy == "STRICT_PACK" and not any(fits(total_asked, node) for node in nodes):
         raise ResourceError(f"STRICT_PACK needs all workers on one node, and no node is big enough. {summary}")

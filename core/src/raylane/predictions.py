@@ -32,11 +32,16 @@ def merge_predictions(
     ``batch_sizes`` are the dataloaders' batch sizes; without one, the largest batch any rank predicted is used
     (too small when every rank saw fewer samples than a batch). ``in_dataset_order=False`` (streamed data, such as
     Ray Datasets, has no sample indices) keeps the batches as they are, rank 0's first.
+
+    The per-rank batch lists are emptied as they are merged, and a rank's batch is let go as soon as its last sample
+    is in a merged batch: the driver holds the outputs about once, never the ranks' copy and the merged one whole.
     """
     num_dataloaders = len(per_rank_predictions[0]) if per_rank_predictions else 0
     merged = []
     for dl in range(num_dataloaders):
         batches = [batch for rank in per_rank_predictions for batch in rank[dl]]
+        for rank in per_rank_predictions:
+            rank[dl].clear()
         indices = [index for rank in per_rank_indices for index in (rank[dl] if dl < len(rank) else [])]
         batch_size = batch_sizes[dl] if dl < len(batch_sizes) else None
         merged.append(_merge_dataloader(batches, indices, batch_size) if in_dataset_order else batches)
@@ -62,9 +67,16 @@ def _merge_dataloader(batches: list[Any], indices: list[list[int]], batch_size: 
     except _Unsplittable:
         order = sorted(range(len(batches)), key=lambda i: min(indices[i], default=0))
         return [batches[i] for i in order]
+    batches.clear()  # from here on only the samples (views) hold each rank's batch
     samples.sort(key=lambda pair: pair[0])
-    ordered = [sample for _, sample in samples]
-    return [join_samples(ordered[start : start + batch_size]) for start in range(0, len(ordered), batch_size)]
+    ordered: list[Any] = [sample for _, sample in samples]
+    samples.clear()
+    merged = []
+    for start in range(0, len(ordered), batch_size):
+        end = min(start + batch_size, len(ordered))
+        merged.append(join_samples(ordered[start:end]))
+        ordered[start:end] = [None] * (end - start)  # a rank's batch is freed once its last sample is merged
+    return merged
 
 
 def split_batch(batch: Any, size: int) -> list[Any]:

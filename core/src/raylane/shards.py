@@ -12,12 +12,20 @@ pickle alive until its owner exits).
 
 Fit, validate and test split with ``equal=True`` (the same number of rows, hence batches and collectives, on every
 rank); predict with ``equal=False`` (every row exactly once).
+
+Ray Data sizes its executor from the cluster's resources, and it cannot tell that the workers' placement group holds
+some of them for good: each split's executor is told to leave the workers' CPUs and GPUs out of its plan
+(``ExecutionOptions.exclude_resources``, set on the dataset's own DataContext only while the split is made: the
+coordinator keeps its copy, and the user's Dataset is as it was afterwards).
 """
 
 from __future__ import annotations
 
+import math
 import sys
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -58,7 +66,9 @@ def split_for_workers(
     def split(value: Any) -> Any:
         if isinstance(value, RayDataLoader):
             _check_cpus_left(options)
-            return value.with_splits(value.dataset.streaming_split(options.workers, equal=equal), equal)
+            with excluding_workers(value.dataset, options):
+                splits = value.dataset.streaming_split(options.workers, equal=equal)
+            return value.with_splits(splits, equal)
         if isinstance(value, (list, tuple)):
             return type(value)(split(item) for item in value)
         if isinstance(value, dict):
@@ -87,11 +97,48 @@ def _split_on_rank_zero(strategy: RayStrategyMixin, loader: RayDataLoader, rank:
     equal = strategy.lightning_module.trainer.state.fn != _lightning.PREDICTING  # type: ignore[attr-defined]
     if rank == 0:
         _check_cpus_left(strategy.launch_options)
-        splits = loader.dataset.streaming_split(strategy.ray_environment.world_size(), equal=equal)
+        with excluding_workers(loader.dataset, strategy.launch_options):
+            splits = loader.dataset.streaming_split(strategy.ray_environment.world_size(), equal=equal)
         strategy.broadcast(cloudpickle.dumps(splits), src=0)  # type: ignore[attr-defined]
     else:
         splits = cloudpickle.loads(strategy.broadcast(None, src=0))  # type: ignore[attr-defined]
     return loader.with_splits(splits, equal)
+
+
+@contextmanager
+def excluding_workers(dataset: Any, options: LaunchOptions) -> Iterator[None]:
+    """While the block runs, ``dataset``'s executor plans without the CPUs and GPUs the workers reserve.
+
+    ``streaming_split`` hands the coordinator actor a copy of the dataset's DataContext when it starts it, so the
+    option holds for the split's whole life, and the dataset's own context is restored on the way out. A resource the
+    user capped with ``resource_limits`` is left alone (Ray Data refuses both on one resource; the cap is theirs).
+    Ray 2.60 deprecates ``exclude_resources`` (for ``label_selector``, which needs labelled nodes), with a warning
+    that would name this module: it is silenced here. Without the option (a later Ray), the split is made as it is.
+    """
+    execution = dataset.context.execution_options
+    if not hasattr(execution, "exclude_resources"):
+        yield
+        return
+    from ray.data import ExecutionResources
+
+    reserved = options.worker_resources()
+    limits = execution.resource_limits
+    workers = ExecutionResources(
+        cpu=0.0 if math.isfinite(limits.cpu) else reserved.get("CPU", 0.0) * options.workers,
+        gpu=0.0 if math.isfinite(limits.gpu) else reserved.get("GPU", 0.0) * options.workers,
+    )
+    before = execution.exclude_resources
+    _set_excluded(execution, before.add(workers))
+    try:
+        yield
+    finally:
+        _set_excluded(execution, before)
+
+
+def _set_excluded(execution: Any, resources: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*exclude_resources.* is deprecated", category=DeprecationWarning)
+        execution.exclude_resources = resources
 
 
 def _check_cpus_left(options: LaunchOptions) -> None:

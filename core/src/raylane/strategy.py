@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from raylane import _lightning, relay
+from raylane.elastic import check_can_resize
 from raylane.options import LaunchOptions, split_options
 
 if TYPE_CHECKING:
@@ -190,13 +191,20 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         known = backend_host(self.backend_name).backend_options()
         options = {name: value for name, value in options.items() if not (name in known and value is None)}
         self.launch_options, self.backend_options = split_options(options, known, self.backend_name)
+        if self.launch_options.elastic:
+            check_can_resize(backend_host(self.backend_name), self.launch_options, self.backend_options)
         return dict(self.backend_options)
 
     # ray_lightning's names for the launch options, read-only (user code and Tune setups read them off the strategy).
     @property
     def num_workers(self) -> int:
-        """The number of Ray workers (``workers``): ray_lightning's name, read-only."""
-        return self.launch_options.workers
+        """The number of Ray workers (``workers``): ray_lightning's name, read-only. With ``workers=(min, max)``, the
+        world size of the last run (after an elastic resize, the final one), and ``max`` before any run."""
+        context = getattr(getattr(self, "cluster_environment", None), "context", None)
+        if context is not None:  # inside a worker: this run's
+            return int(context.world_size)
+        last = getattr(getattr(self, "_launcher", None), "last_world_size", None)
+        return last if last is not None else self.launch_options.workers
 
     @property
     def num_cpus_per_worker(self) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,7 +45,7 @@ def assign_ranks(placements: Sequence[WorkerPlacement]) -> list[Ranks]:
     node_order: dict[str, int] = {}
     for placement in placements:
         node_order.setdefault(placement.node_id, len(node_order))
-    per_node = {node: [p.node_id for p in placements].count(node) for node in node_order}
+    per_node = Counter(placement.node_id for placement in placements)
     seen: dict[str, int] = {}
     ranks = []
     for global_rank, placement in enumerate(placements):

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from raylane import console, relay, storage, torch_distributed
+from raylane import console, elastic, relay, storage, torch_distributed
 from raylane.context import WorkerContext
 from raylane.payload import LaunchPayload
 from raylane.process_state import ProcessDefaults
@@ -50,6 +50,21 @@ class Worker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def preload(self, modules: list[str]) -> None:
+        """Import ``modules`` (the driver's Lightning) now, while the driver is still busy before its first entry
+        point: loading the entry point's payload would import them otherwise (raylane.warm_start)."""
+        import importlib
+
+        for module in modules:
+            importlib.import_module(module)
+        # What importing them set (Lightning sets environment variables) belongs to the process's defaults, as it
+        # does in a worker process Ray started with them preloaded.
+        self._defaults = ProcessDefaults.capture()
+
+    def request_resize(self) -> None:
+        """Stop the running fit at its next epoch end, checkpointed, so the driver restarts it with more workers."""
+        elastic.request_resize()
 
     def open_rendezvous(self, timeout_s: float) -> int:
         """Serve a fresh torch.distributed store on a port the OS picks; return the port.
@@ -99,6 +114,9 @@ class Worker:
         for path in reversed(context.driver_sys_path):
             if path not in sys.path and os.path.isdir(path):
                 sys.path.insert(0, path)
+        marks["payload_requested"] = time.time()
+        ray.wait(payload_ref, fetch_local=True)  # fetched, then unpickled: the marks tell the network from the imports
+        marks["payload_fetched"] = time.time()
         payload: LaunchPayload = ray.get(payload_ref[0])
         marks["payload_loaded"] = time.time()
         payload.global_state.restore()
@@ -115,6 +133,7 @@ class Worker:
         relay.activate(self._outbox if context.global_rank == 0 else None)
         try:
             payload.trainer.strategy.adopt_worker_context(context)  # type: ignore[attr-defined]
+            elastic.prepare_worker(payload.trainer, context)
             with console.worker_console(context.global_rank):
                 results = payload.function(*payload.args, **payload.kwargs)
             output = collect_output(payload.trainer, results, context, host)

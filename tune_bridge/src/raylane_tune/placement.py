@@ -43,6 +43,18 @@ def reserve_in_trial(bundles: Sequence[Mapping[str, float]], options: LaunchOpti
     return WorkerReservation(group, tuple(range(first_worker, first_worker + len(bundles))), owned=False)
 
 
+def workers_in_trial(options: LaunchOptions) -> int:
+    """How many of ``options``' workers the current trial's bundles hold (an elastic run's size inside a trial)."""
+    from ray import tune
+
+    group = ray.util.get_current_placement_group()
+    if group is None:
+        return 0
+    first_worker = 0 if _ray_tune.head_bundle_is_empty(tune.get_context().get_trial_resources()) else 1
+    bundle = options.worker_resources()
+    return sum(1 for held in group.bundle_specs[first_worker:] if _fits(bundle, held))
+
+
 def _what_to_pass(options: LaunchOptions) -> str:
     return (
         "Reserve the workers with the trial: tune.with_resources(train_fn, get_tune_resources(strategy)) for a Tuner, "

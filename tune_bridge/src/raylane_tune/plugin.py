@@ -32,6 +32,16 @@ def raylane_reserve_workers(bundles: list[dict[str, float]], options: LaunchOpti
 
 
 @hookimpl
+def raylane_workers_that_fit(options: LaunchOptions) -> int | None:
+    """Inside a Tune trial, an elastic run has the trial's worker bundles (``max`` unless sized otherwise)."""
+    if not _ray_tune.in_tune_trial():
+        return None
+    from raylane_tune.placement import workers_in_trial
+
+    return workers_in_trial(options)
+
+
+@hookimpl
 def raylane_worker_env() -> Mapping[str, str]:
     """Tell the workers of a trial's run that their driver reports to Tune (see :data:`TRIAL_ENV`)."""
     if not _ray_tune.in_tune_trial():

@@ -26,6 +26,7 @@ def get_tune_resources(
     backend_or_strategy: str | Strategy | int | None = None,
     *ray_lightning_args: Any,
     driver_resources: Mapping[str, float] | None = None,
+    reserve_workers: int | None = None,
     **options: Any,
 ) -> PlacementGroupFactory:
     """The resources of one Tune trial that trains with raylane, for ``tune.with_resources`` or ``resources_per_trial``.
@@ -35,6 +36,10 @@ def get_tune_resources(
     used). The backend decides the workers' bundles (hook ``raylane_placement_bundles``); they follow the trial's
     first bundle, ``driver_resources`` (Ray resource names, e.g. ``{"CPU": 1}``; default nothing), and are placed
     with the strategy's ``placement_strategy``.
+
+    An elastic strategy (``workers=(min, max)``) gets bundles for ``max`` workers, so its trial runs on ``max`` from the
+    start; inside a trial the run never grows past the bundles the trial holds, since Tune sized it. To reserve fewer,
+    pass ``reserve_workers`` (between ``min`` and ``max``): the trial then runs on that many.
 
     ray_lightning's form, ``get_tune_resources(num_workers, num_cpus_per_worker=1, use_gpu=False)`` (positional or
     by name), keeps its meaning: see :func:`raylane_tune.legacy.ray_lightning_tune_resources`.
@@ -63,7 +68,20 @@ def get_tune_resources(
                 "Pass them to get_strategy, or pass the backend name here instead of the strategy."
             )
         host = backend_host(backend)
+    if reserve_workers is not None:
+        launch_options = launch_options.sized(_reserved(reserve_workers, launch_options))
     return trial_resources(host.placement_bundles(launch_options), launch_options, driver_resources)
+
+
+def _reserved(count: object, options: LaunchOptions) -> int:
+    """``reserve_workers``, checked against the strategy's worker range."""
+    fewest = options.min_workers if options.min_workers is not None else options.workers
+    if isinstance(count, bool) or not isinstance(count, int) or not fewest <= count <= options.workers:
+        raise ConfigurationError(
+            f"reserve_workers={count!r}: give a whole number from the strategy's fewest to its most workers, "
+            f"{fewest} to {options.workers} (workers=({fewest}, {options.workers}))."
+        )
+    return count
 
 
 def trial_resources(

@@ -42,6 +42,12 @@ def raylane_backend_options() -> Mapping[str, str]:
 
 
 @hookimpl
+def raylane_resumes_on_any_world_size() -> bool:
+    # Every rank holds the whole model and optimizer state: a checkpoint loads on any number of workers.
+    return True
+
+
+@hookimpl
 def raylane_setup_process_group(context: WorkerContext) -> None:
     join_process_group(
         context, process_group_backend(context.backend_options.get("process_group_backend"), context.uses_gpu)

@@ -35,6 +35,14 @@ def raylane_backend_options() -> Mapping[str, str]:
 
 
 @hookimpl
+def raylane_resumes_on_any_world_size() -> bool:
+    # ZeRO checkpoints hold each rank's partition of the optimizer state, and DeepSpeed (0.19.8,
+    # engine._load_zero_checkpoint) refuses to load them on another data-parallel world size unless they were
+    # converted offline to its universal format. So workers=(min, max) is refused when the strategy is built.
+    return False
+
+
+@hookimpl
 def raylane_worker_env(context: WorkerContext) -> Mapping[str, str]:
     # DeepSpeed picks its accelerator once per process, from CUDA's presence; a CPU worker on a GPU node must not get
     # CUDA's. Its CPU accelerator runs ZeRO over the gloo group below (measured with DeepSpeed 0.19.8, torch 2.13).

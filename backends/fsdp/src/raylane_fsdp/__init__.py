@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raylane import hookimpl
 from raylane.torch_distributed import join_process_group, leave_process_group
@@ -32,6 +32,17 @@ def raylane_strategy_class(lightning: ModuleType) -> type[RayFSDPStrategy]:
 @hookimpl
 def raylane_backend_options() -> Mapping[str, str]:
     return FSDP_OPTIONS
+
+
+@hookimpl
+def raylane_resumes_on_any_world_size(backend_options: Mapping[str, Any]) -> bool:
+    # Sharded (distributed-checkpoint) and full checkpoints both reshard on load. What must also hold for every count
+    # of an elastic range is the mesh: no tensor parallelism, no fixed data-parallel or shard-group size.
+    return (
+        backend_options.get("tensor_parallel", 1) == 1
+        and "data_parallel" not in backend_options
+        and isinstance(backend_options.get("hybrid_shard", False), bool)
+    )
 
 
 @hookimpl

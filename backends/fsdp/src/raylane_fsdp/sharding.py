@@ -18,8 +18,9 @@ from torch.utils.checkpoint import checkpoint
 
 from raylane_fsdp.options import FSDPConfig
 
-# predict_step is left out: registered, it hangs a streamed predict (measured with Ray Data, where the strategy
-# gathers the whole model first); call self(x) in predict_step, or give the predict dataloader a length.
+# predict_step is left out here: registered for good, it hangs a streamed predict (measured with Ray Data, where the
+# strategy gathers the whole model first and the ranks run different numbers of steps). The strategy registers it for
+# predict data with a length only (RayFSDPStrategy.on_predict_start), where every rank runs the same number of steps.
 STEP_METHODS = ("training_step", "validation_step", "test_step")
 
 

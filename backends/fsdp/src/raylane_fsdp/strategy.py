@@ -9,6 +9,7 @@ and the driver receives the full, unsharded weights, gathered to rank 0's CPU on
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from datetime import timedelta
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from raylane import _lightning
 from raylane.errors import ConfigurationError
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_fsdp.options import FSDPConfig, parse_options
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     import pytorch_lightning as pl
     from torch import nn
     from torch.distributed.device_mesh import DeviceMesh
+
+    from raylane.context import WorkerContext
 
 
 class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
@@ -88,6 +92,12 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
 
     # -- worker --------------------------------------------------------------------------------------------------
 
+    def adopt_worker_context(self, context: WorkerContext) -> None:
+        super().adopt_worker_context(context)
+        if context.world_size != self.fsdp_config.workers:  # an elastic run (workers=(min, max)) on another count
+            self.fsdp_config = dataclasses.replace(self.fsdp_config, workers=context.world_size)
+            _lightning.set_data_parallel_size(self, self.fsdp_config.data_parallel)
+
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
         # The ranks of one tensor-parallel group compute on the same samples; data is split across groups only.
@@ -144,6 +154,7 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
         if not all(math.isfinite(n) for n in counts):
             self._gather_for_streamed_predictions()
             return
+        self._gather_around_predict_step()
         mine = [int(n) for n in counts]
         most = torch.tensor(mine, dtype=torch.int64, device=self.root_device)
         if dist.is_initialized():
@@ -171,12 +182,25 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
 
     def on_predict_end(self) -> None:
         self._predict_batches = {}
+        if self.model is not None:
+            vars(self.model).pop("predict_step", None)  # the wrapper of _gather_around_predict_step
         if self._gathered_units:
             for unit in self._gathered_units:
                 unit.reshard()
             self._gathered_units[0].set_reshard_after_forward(self.fsdp_config.reshard_after_forward)  # the root
             self._gathered_units = []
         super().on_predict_end()
+
+    def _gather_around_predict_step(self) -> None:
+        """Make ``predict_step`` gather the root unit's parameters as ``forward`` does, so a predict_step that calls
+        layers directly (``self.net(x)``, not ``self(x)``) computes with whole weights instead of failing on (or
+        mixing in) this rank's shards. Every rank runs the same number of predict steps here (see above), so the
+        all-gather this adds is matched on every rank. Streamed predict data takes the other path: the whole model is
+        gathered once, and nothing needs gathering per step."""
+        from torch.distributed.fsdp import FSDPModule, register_fsdp_forward_method
+
+        if isinstance(self.model, FSDPModule) and "predict_step" not in vars(self.model):
+            register_fsdp_forward_method(self.model, "predict_step")
 
     def _gather_for_streamed_predictions(self) -> None:
         """Streamed predict data (no length: Ray Data, iterable datasets) may give the ranks different numbers of

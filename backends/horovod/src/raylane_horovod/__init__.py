@@ -54,6 +54,12 @@ def raylane_backend_options() -> Mapping[str, str]:
 
 
 @hookimpl
+def raylane_resumes_on_any_world_size() -> bool:
+    # Every rank holds the whole model and optimizer state: a checkpoint loads on any number of workers.
+    return True
+
+
+@hookimpl
 def raylane_worker_env(context: WorkerContext) -> Mapping[str, str]:
     return horovod_env(context)
 

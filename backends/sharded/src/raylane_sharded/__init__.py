@@ -34,6 +34,13 @@ def raylane_backend_options() -> Mapping[str, str]:
 
 
 @hookimpl
+def raylane_resumes_on_any_world_size() -> bool:
+    # Checkpoints hold the optimizer state consolidated on rank 0 (see RayShardedStrategy), which any number of
+    # workers shard afresh on load.
+    return True
+
+
+@hookimpl
 def raylane_setup_process_group(context: WorkerContext) -> None:
     join_process_group(context, "nccl" if context.uses_gpu else "gloo")
 

@@ -189,8 +189,9 @@ class ResultsConformance(ConformanceBase):
         torch.testing.assert_close(torch.cat(predictions), torch.cat(expected))
 
     def test_ray_data_fit_and_validation_see_every_row_once(self, tmp_path: Path) -> None:
-        # Predict is not here: its shards may differ in batch count, which backends whose forward is a collective
-        # (fsdp) cannot run yet; tests/test_ray_data.py covers predict on ddp.
+        # Predict is not here: its shards may differ in batch count, which a backend whose forward is a collective
+        # cannot run (deepspeed's ZeRO-3); tests/test_ray_data.py covers predict on ddp, and fsdp's tests its own
+        # streamed predict (it gathers the whole model first).
         from raylane.data import from_ray
 
         model = RowRecordingModel(report_dir=str(tmp_path))

@@ -1,0 +1,253 @@
+"""A script that lets raylane start Ray: Ray and the workers start when the Trainer is built, the workers import torch
+and Lightning before the first entry point needs them, ``RAYLANE_EARLY_START=0`` turns that off, a script that calls
+``ray.init`` itself keeps its own Ray, and nothing of Ray outlives the script.
+
+Each test runs a driver script in a fresh interpreter, as a user does (``python train.py``), with a Ray temp folder of
+its own, so every process of that script's Ray can be found afterwards by its command line. The scripts do not import
+``raylane.testing`` (which imports pytest, under which nothing starts early).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raylane.testing import env_without_ray_address, printed_report
+
+pytestmark = pytest.mark.timeout(300)
+SCRIPT_TIMEOUT_S = 240
+LEFTOVER_WAIT_S = (
+    30.0  # Ray's worker processes exit on their own once their raylet is gone; give them time on a busy box
+)
+
+# Every Python process of the script's Ray runs this at start-up (PYTHONPATH): it notes when the process began to
+# import Lightning, so a worker can say whether that happened before the script called fit().
+SITECUSTOMIZE = """
+import sys
+import time
+
+
+class _NoteLightningImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pytorch_lightning" and not hasattr(sys, "lightning_import_started_at"):
+            sys.lightning_import_started_at = time.time()
+        return None
+
+
+sys.meta_path.insert(0, _NoteLightningImport())
+"""
+
+# The script's model and helpers, a module next to it as a user's would be.
+PROBE = """
+import json
+import os
+import sys
+
+import pytorch_lightning as pl
+import torch
+
+
+class Probe(pl.LightningModule):
+    def __init__(self, report_dir):
+        super().__init__()
+        self.report_dir = report_dir
+        self.layer = torch.nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return torch.nn.functional.cross_entropy(self.layer(inputs), targets)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def on_train_start(self):
+        report = {"lightning_import_started_at": sys.lightning_import_started_at, "pid": os.getpid()}
+        with open(os.path.join(self.report_dir, f"rank{self.global_rank}.json"), "w") as out:
+            json.dump(report, out)
+
+
+def loader():
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4, generator=generator), torch.arange(32) % 2)
+    return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+def trainer(**options):
+    import raylane
+
+    return pl.Trainer(
+        max_epochs=1,
+        strategy=raylane.get_strategy("ddp", workers=2, **options),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def rank_reports(report_dir):
+    return [json.load(open(os.path.join(report_dir, f"rank{rank}.json"))) for rank in (0, 1)]
+
+
+def raylane_actor_pids():
+    import ray
+
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("raylane:")]
+    handles = [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named]
+    return sorted(ray.get([handle.pid.remote() for handle in handles]))
+"""
+
+TRAIN = """
+import json, sys
+import ray
+from probe import Probe, loader, rank_reports, raylane_actor_pids, trainer
+
+fitting = trainer()
+ready = fitting.strategy.launcher.early_workers_ready(timeout_s=150)  # the script's own work, as long as start-up
+report = {"ray_before_fit": ray.is_initialized(), "early_workers_ready": ready}
+report["pids_before_fit"] = raylane_actor_pids() if ray.is_initialized() else []
+fitting.fit(Probe(sys.argv[1]), loader())
+report["ranks"] = rank_reports(sys.argv[1])
+report["fit_called_at"] = fitting.strategy.launcher.timeline["driver"]["launch"]
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[Path]:
+    # Short and fresh: Ray's socket paths must stay under the OS limit, and the folder names this test's processes.
+    path = Path(tempfile.mkdtemp(prefix="rlcs", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_script(tmp_path: Path, ray_tmpdir: Path, script: str, **env: str) -> dict[str, Any]:
+    (tmp_path / "probe.py").write_text(PROBE)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (tmp_path / "train.py").write_text(textwrap.dedent(script))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    done = subprocess.run(
+        [sys.executable, "train.py", str(reports)],
+        cwd=tmp_path,
+        env=env_without_ray_address({"RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": python_path(site), **env}),
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_nothing_left_running(ray_tmpdir)
+    return printed_report(done.stdout)
+
+
+def python_path(first: Path) -> str:
+    return os.pathsep.join([str(first), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+
+def processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # it exited meanwhile
+            continue
+        if text in command:
+            found.append(f"{proc.name}: {command[:160]}")
+    return found
+
+
+def assert_nothing_left_running(ray_tmpdir: Path) -> None:
+    """No process of the script's Ray (raylet, GCS, workers, ...) outlives the script: each names the temp folder."""
+    assert (ray_tmpdir / "ray").is_dir(), (
+        f"the script's Ray did not use {ray_tmpdir}: the check below would see nothing"
+    )
+    deadline = time.monotonic() + LEFTOVER_WAIT_S
+    while left := processes_mentioning(str(ray_tmpdir)):
+        assert time.monotonic() < deadline, "Ray processes outlived the script:\n" + "\n".join(left)
+        time.sleep(0.5)
+
+
+def test_building_the_trainer_starts_ray_and_workers_that_import_lightning_before_fit(
+    tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    report = run_script(tmp_path, ray_tmpdir, TRAIN)
+    assert report["ray_before_fit"] and report["early_workers_ready"], report
+    trained_on = sorted(rank["pid"] for rank in report["ranks"])
+    assert trained_on == report["pids_before_fit"], "fit trained on the workers started when the Trainer was built"
+    imported = [rank["lightning_import_started_at"] for rank in report["ranks"]]
+    assert all(at < report["fit_called_at"] for at in imported), "the workers imported Lightning before fit()"
+
+
+def test_raylane_early_start_0_starts_nothing_before_fit(tmp_path: Path, ray_tmpdir: Path) -> None:
+    report = run_script(tmp_path, ray_tmpdir, TRAIN, RAYLANE_EARLY_START="0")
+    assert not report["ray_before_fit"] and not report["early_workers_ready"], report
+    # The workers started in fit and imported Lightning when they loaded the Trainer.
+    imported = [rank["lightning_import_started_at"] for rank in report["ranks"]]
+    assert all(at > report["fit_called_at"] for at in imported), report
+
+
+OWN_RAY_AFTER_THE_TRAINER = """
+import json, sys
+import ray
+from probe import Probe, loader, rank_reports, trainer
+
+fitting = trainer()
+started_early = fitting.strategy.launcher.early_workers_ready(timeout_s=150) or ray.is_initialized()
+ray.init(num_cpus=3, include_dashboard=False)  # the script's own Ray, after building the Trainer
+fitting.fit(Probe(sys.argv[1]), loader())
+report = {"started_early": started_early, "cpus": ray.cluster_resources()["CPU"], "ranks": rank_reports(sys.argv[1])}
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+def test_a_script_that_calls_ray_init_after_building_the_trainer_trains_on_its_own_ray(
+    tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    report = run_script(tmp_path, ray_tmpdir, OWN_RAY_AFTER_THE_TRAINER)
+    assert not report["started_early"], "raylane must not start Ray in a script that calls ray.init itself"
+    assert report["cpus"] == 3 and len(report["ranks"]) == 2, report
+
+
+# The script does not mention the call (it is in a module it imports), so raylane cannot see it coming.
+HIDDEN_RAY_INIT = """
+import json, sys
+import ray
+from probe import Probe, loader, rank_reports, trainer
+from setup_cluster import connect
+
+fitting = trainer()
+assert fitting.strategy.launcher.early_workers_ready(timeout_s=150)
+try:
+    connect(ignore_reinit_error=False)
+    outcome = "connected"
+except RuntimeError as err:
+    outcome = str(err)
+connect(ignore_reinit_error=True)  # what the docs advise: keeps raylane's Ray
+fitting.fit(Probe(sys.argv[1]), loader())
+print("REPORT " + json.dumps({"outcome": outcome, "ranks": rank_reports(sys.argv[1])}), flush=True)
+"""
+
+
+def test_ray_init_hidden_from_raylane_after_its_early_start_fails_as_the_docs_say(
+    tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    (tmp_path / "setup_cluster.py").write_text(
+        "import ray\n\n\ndef connect(**options):\n    ray.init(num_cpus=3, include_dashboard=False, **options)\n"
+    )
+    report = run_script(tmp_path, ray_tmpdir, HIDDEN_RAY_INIT)
+    assert "ray.init twice" in report["outcome"], report["outcome"]  # Ray's own error, quoted in docs/startup.md
+    assert len(report["ranks"]) == 2, report
