@@ -1,5 +1,6 @@
 """Elastic worker counts, ``workers=(min, max)``: a fit that starts with what fits, grows when a node joins, shrinks
-when one is lost, and ends with the right epoch and step counts, on Ray's multi-node cluster utility."""
+when one is lost, and ends with the right epoch and step counts, on Ray's multi-node cluster utility, with its
+checkpoints in a real S3-compatible bucket (every resize and restart resumes from there)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from raylane.registry import backend_host, discover
 from raylane.testing import ClassifierModel, assert_released, make_loader, quiet_trainer
 from raylane.testing.cluster import local_cluster
 from raylane.testing.faults import wait_for_file
+from raylane.testing.s3 import S3Server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -88,13 +90,17 @@ def cluster() -> Iterator[Cluster]:
 
 
 def test_a_fit_starts_with_what_fits_grows_when_a_node_joins_and_shrinks_when_one_is_lost(
-    cluster: Cluster, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    cluster: Cluster, s3_server: S3Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     max_epochs = 5
+    checkpoints = f"s3://{s3_server.create_bucket()}/ckpt"
+    strategy = get_strategy(
+        "ddp", workers=(1, 2), env=s3_server.env(), max_failures=1, heartbeat_timeout=5, grow_after_s=1
+    )
     trainer = quiet_trainer(
-        strategy=get_strategy("ddp", workers=(1, 2), max_failures=1, heartbeat_timeout=5, grow_after_s=1),
+        strategy=strategy,
         max_epochs=max_epochs,
-        callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)],
+        callbacks=[ModelCheckpoint(dirpath=checkpoints, save_top_k=-1, every_n_epochs=1)],
     )
     failures: list[BaseException] = []
 
@@ -124,7 +130,10 @@ def test_a_fit_starts_with_what_fits_grows_when_a_node_joins_and_shrinks_when_on
     shrank = [m for m in messages if "failed; restarting fit from" in m and "world size 2 -> 1" in m]
     assert len(grew) == 1 and len(shrank) == 1, messages
     assert not [m for m in messages if "no longer fit" in m], "each attempt was sized to what fitted"
-    assert str(tmp_path / "ckpt" / "raylane-resize-epoch=") in grew[0], "it grew from the checkpoint it stopped at"
+    assert f"restarting fit from {checkpoints}/raylane-resize-epoch=" in grew[0], "grown from the stop's checkpoint"
+    assert f"restarting fit from {checkpoints}/epoch=" in shrank[0], "restarted from the newest epoch's checkpoint"
+    saved = s3_server.filesystem().ls(checkpoints.removeprefix("s3://"))
+    assert any("raylane-resize-epoch=" in path for path in saved), saved
 
     # The last record of each epoch is the one that stands (a restart trains the failed epoch again).
     lines = (tmp_path / "epochs.jsonl").read_text().splitlines()

@@ -10,7 +10,7 @@ import pytest
 from ray import tune
 from trial_functions import WORKERS, read_record, trial_function
 
-from raylane import ResourceError
+from raylane import ResourceError, get_strategy
 from raylane.testing import assert_released
 from raylane_tune import get_tune_resources
 
@@ -75,3 +75,36 @@ def test_a_trainer_without_raylane_reports_from_the_trial_itself(results: tuple[
     assert result.metrics_dataframe["loss"].tolist() == pytest.approx([entry["val_loss"] for entry in logged])
     assert "absent" not in result.metrics, "a metric that was never logged is left out, not invented"
     assert result.checkpoint is not None
+
+
+def test_an_elastic_strategy_runs_on_the_workers_its_trial_reserved(local_ray: None, tmp_path: Path) -> None:
+    """``workers=(1, 2)``: a trial sized by default holds the most workers and trains on 2; one that reserved one
+    (``reserve_workers=1``) trains on 1 and never grows past its trial's bundles, whatever the cluster has free."""
+    elastic = get_strategy("ddp", workers=(1, 2))
+    most, fewest = get_tune_resources(elastic), get_tune_resources(elastic, reserve_workers=1)
+
+    def _resources(config: dict[str, Any]) -> tune.PlacementGroupFactory:  # local: Ray pickles it by value
+        return most if config["reserved"] == 2 else fewest
+
+    tuner = tune.Tuner(
+        tune.with_resources(trial_function(), _resources),
+        param_space={
+            "reserved": tune.grid_search([2, 1]),
+            "workers_range": (1, 2),
+            "epochs": 1,
+            "record_dir": str(tmp_path),
+        },
+        run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="elastic", verbose=0),
+    )
+    grid = tuner.fit()
+    assert not grid.errors, grid.errors
+    sizes = {
+        result.config["reserved"]: [
+            entry["world_size"]
+            for entry in read_record(tmp_path, str(result.metrics["trial_id"]))
+            if entry["event"] == "train_start"
+        ]
+        for result in grid
+    }
+    assert sizes == {2: [2], 1: [1]}
+    assert_released()

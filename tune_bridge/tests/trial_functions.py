@@ -41,7 +41,8 @@ class RecordingModel(ClassifierModel):
 
     def on_train_start(self) -> None:
         super().on_train_start()
-        self._write({"event": "train_start", "global_step": self.global_step, "pid": os.getpid()})
+        start = {"event": "train_start", "global_step": self.global_step, "pid": os.getpid()}
+        self._write({**start, "world_size": self.trainer.world_size})
 
     def on_train_epoch_start(self) -> None:
         self._write({"event": "train_epoch", "epoch": self.current_epoch})
@@ -71,7 +72,8 @@ def fit_trial(config: dict[str, Any]) -> None:
     or metrics only.
     ``report_all``: report every logged metric instead of :data:`REPORTED` (plus ``extra_metrics``).
     ``raylane_max_failures``: raylane restarts the fit itself (the failure is injected once per trial), from the
-    ModelCheckpoint that ``checkpoint_every_n_epochs`` adds.
+    ModelCheckpoint that ``checkpoint_every_n_epochs`` adds. ``workers_range``: an elastic strategy,
+    ``workers=(min, max)``, instead of :data:`WORKERS` workers.
     """
     record_dir = Path(config["record_dir"])
     trial_id = tune.get_context().get_trial_id()
@@ -102,7 +104,10 @@ def fit_trial(config: dict[str, Any]) -> None:
     else:
         placement = {
             "strategy": get_strategy(
-                "ddp", workers=WORKERS, cpus_per_worker=config.get("cpus_per_worker", 1), max_failures=restarts
+                "ddp",
+                workers=tuple(config.get("workers_range", ())) or WORKERS,
+                cpus_per_worker=config.get("cpus_per_worker", 1),
+                max_failures=restarts,
             )
         }
     trainer = quiet_trainer(
