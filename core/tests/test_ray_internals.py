@@ -70,3 +70,33 @@ def test_dashboard_url_is_the_http_address_of_a_running_dashboard() -> None:
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("DASHBOARD ")]
     assert lines == [f"DASHBOARD http://127.0.0.1:{port}"], done.stdout + done.stderr[-3000:]
+
+
+QUICK_STOP_SCRIPT = """
+import psutil
+import ray
+from ray._private import ray_constants, worker
+from raylane import _ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+kinds = worker._global_node.all_processes
+print("KINDS", ray_constants.PROCESS_TYPE_RAYLET in kinds, ray_constants.PROCESS_TYPE_GCS_SERVER in kinds)
+pids = [info.process.pid for infos in kinds.values() for info in infos]
+_ray.stop_ray()
+running = [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+print("RUNNING", running, ray.is_initialized())
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_quick_stop_finds_the_processes_of_the_ray_it_started_and_stops_them() -> None:
+    # stop_ray() falls back to ray.shutdown() (with its waits) when Ray moves its node's process table, so only this
+    # test notices; it runs in a fresh interpreter, with a Ray of its own.
+    done = subprocess.run(
+        [sys.executable, "-c", QUICK_STOP_SCRIPT],
+        env=env_without_ray_address(),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(("KINDS ", "RUNNING "))]
+    assert lines == ["KINDS True True", "RUNNING [] False"], done.stdout + done.stderr[-3000:]
