@@ -15,7 +15,6 @@ raylane-deepspeed (which runs ZeRO on CPU workers over gloo).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -28,10 +27,11 @@ from memory_workload import (
     SyntheticData,
     WideMLP,
     fit_and_measure,
-    format_table,
     local_bytes,
     machine,
     parameter_count,
+    publish,
+    round_robin,
     storage_bytes,
     summarise,
 )
@@ -129,27 +129,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     at_start = machine()
     configs = ["ddp", *(f"zero{stage}" for stage in args.stages)]
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for repeat in range(args.repeats):  # round-robin, so a slow spell of the machine hits every configuration alike
-        for workers in args.workers:
-            for config in configs:
-                result = run_once(config, workers, args)
-                runs.setdefault((config, workers), []).append(result)
-                print(f"[{repeat + 1}/{args.repeats}] {config} N={workers}: fit {result['fit_s']:.1f} s", flush=True)
-    report = summarise(runs)
-    report["setup"] = {
+    runs = round_robin(configs, args.workers, args.repeats, lambda config, n: run_once(config, n, args))
+    setup = {
         **{k: v for k, v in vars(args).items() if k != "json"},
         "parameters": parameter_count(args.width, args.layers),
-        "at_start": at_start,
-        "at_end": machine(),
     }
-    print(format_table(report))
-    end_load = report["setup"]["at_end"]["load_average_1min"]
-    print(f"\n1-minute load average: {at_start['load_average_1min']:.1f} at the start, {end_load:.1f} at the end")
-    if args.json:
-        runs_by_name = {f"{config}/N={workers}": results for (config, workers), results in runs.items()}
-        args.json.write_text(json.dumps({**report, "runs": runs_by_name}, indent=2))
-    return report
+    return publish(summarise(runs), runs, setup, at_start, args.json)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,23 @@ parameter + gradient + optimizer-state bytes per worker at N = 2 and 4. Needs ra
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import ray
-from memory_workload import SyntheticData, WideMLP, fit_and_measure, format_table, machine, parameter_count, summarise
+from memory_workload import (
+    SyntheticData,
+    WideMLP,
+    fit_and_measure,
+    machine,
+    parameter_count,
+    publish,
+    round_robin,
+    summarise,
+)
 
 from raylane import get_strategy
 
@@ -57,27 +64,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
     at_start = machine()
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    for _ in range(args.repeats):  # round-robin, so a slow spell of the machine hits every configuration alike
-        for workers in args.workers:
-            for backend in BACKENDS:
-                runs.setdefault((backend, workers), []).append(run_once(backend, workers, args))
-    report = summarise(runs)
-    report["setup"] = {
+    runs = round_robin(BACKENDS, args.workers, args.repeats, lambda backend, n: run_once(backend, n, args))
+    setup = {
         **{k: v for k, v in vars(args).items() if k != "json"},
         "parameters": parameter_count(args.width, args.layers),
-        "at_start": at_start,
-        "at_end": machine(),
     }
-    print(format_table(report))
-    print(
-        f"\n1-minute load average: {at_start['load_average_1min']:.1f} at the start, "
-        f"{report['setup']['at_end']['load_average_1min']:.1f} at the end",
-        file=sys.stderr,
-    )
-    if args.json:
-        args.json.write_text(json.dumps({**report, "runs": {f"{c}/N={n}": r for (c, n), r in runs.items()}}, indent=2))
-    return report
+    return publish(summarise(runs), runs, setup, at_start, args.json)
 
 
 if __name__ == "__main__":

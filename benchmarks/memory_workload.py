@@ -9,11 +9,13 @@ read depends on the engine: a :class:`StateReader` per engine (plain tensors and
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from statistics import median
 from typing import Any
 
@@ -252,6 +254,38 @@ def format_table(report: Mapping[str, Any]) -> str:
     for name, ratios in report["ratios"].items():
         lines.append(f"{name}: " + ", ".join(f"{key} {value:.3f}" for key, value in ratios.items()))
     return "\n".join(lines)
+
+
+Runs = dict[tuple[str, int], list[dict[str, Any]]]
+
+
+def round_robin(
+    configs: Sequence[str], worker_counts: Sequence[int], repeats: int, run_once: Callable[[str, int], dict[str, Any]]
+) -> Runs:
+    """Every (configuration, workers) ``repeats`` times, in turns, so a slow spell of the machine hits all alike."""
+    runs: Runs = {}
+    for repeat in range(repeats):
+        for workers in worker_counts:
+            for config in configs:
+                result = run_once(config, workers)
+                runs.setdefault((config, workers), []).append(result)
+                print(f"[{repeat + 1}/{repeats}] {config} N={workers}: fit {result['fit_s']:.1f} s", flush=True)
+    return runs
+
+
+def publish(
+    report: dict[str, Any], runs: Runs, setup: Mapping[str, Any], at_start: Mapping[str, Any], json_path: Path | None
+) -> dict[str, Any]:
+    """Add the setup and the machine at both ends to ``report``, print its table and the load, write the JSON."""
+    report["setup"] = {**setup, "at_start": at_start, "at_end": machine()}
+    print(format_table(report))
+    end_load = report["setup"]["at_end"]["load_average_1min"]
+    print(f"\n1-minute load average: {at_start['load_average_1min']:.1f} at the start, {end_load:.1f} at the end")
+    if json_path is not None:
+        runs_by_name = {f"{config}/N={workers}": results for (config, workers), results in runs.items()}
+        json_path.write_text(json.dumps({**report, "runs": runs_by_name}, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {json_path}")
+    return report
 
 
 def machine() -> dict[str, Any]:

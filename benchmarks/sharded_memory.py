@@ -12,7 +12,6 @@ round-robin; the table shows medians over ``--repeats``. Needs raylane-ddp and r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,9 +25,9 @@ from memory_workload import (
     SyntheticData,
     WideMLP,
     fit_and_measure,
-    format_table,
     machine,
     parameter_count,
+    publish,
     summarise,
 )
 
@@ -105,21 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         ray.shutdown()
     # Only the optimizer state (and FairScale's gradients) are sharded here: no 1/N target on the whole state.
     report = summarise(runs, BASELINE, target=False)
-    report["setup"] = {
+    setup = {
         "parameters": parameters,
         "workers": WORKERS,
         **{k: v for k, v in vars(args).items() if k not in ("json", "configs")},
-        "at_start": at_start,
-        "at_end": machine(),
     }
     print()
-    print(format_table(report))
-    end_load = report["setup"]["at_end"]["load_average_1min"]
-    print(f"1-minute load average: {at_start['load_average_1min']:.1f} at the start, {end_load:.1f} at the end")
-    if args.json is not None:
-        runs_by_name = {f"{config}/N={workers}": results for (config, workers), results in runs.items()}
-        args.json.write_text(json.dumps({**report, "runs": runs_by_name}, indent=2) + "\n", encoding="utf-8")
-        print(f"\nwrote {args.json}")
+    publish(report, runs, setup, at_start, args.json)
     return 0
 
 

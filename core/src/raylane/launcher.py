@@ -319,18 +319,20 @@ class RayLauncher:
 
     def _has_idle_workers_like(self, backend: str, options: LaunchOptions) -> bool:
         with self._lock:
-            group = self._group
-            if self._busy or group is None or group.host.backend != backend:
-                return False
-            return group.options.same_workers(options)
+            return self._idle_group_like(backend, options) is not None
+
+    def _idle_group_like(self, backend: str, options: LaunchOptions) -> WorkerGroup | None:
+        """This launcher's group when it is idle and its workers look like ``options``' would; the lock is held."""
+        group = self._group
+        if self._busy or group is None or group.host.backend != backend or not group.options.same_workers(options):
+            return None
+        return group
 
     def _hand_over_if_idle(self, backend: str, options: LaunchOptions) -> WorkerGroup | None:
         """This launcher's idle workers, given up to a Trainer whose workers would look the same; else None."""
         with self._lock:  # atomic with this launcher's next entry point, as _release_if_idle
-            group = self._group
-            if self._busy or group is None or group.host.backend != backend:
-                return None
-            if not group.options.same_workers(options):
+            group = self._idle_group_like(backend, options)
+            if group is None:
                 return None
             if self._idle_watch is not None:
                 self._idle_watch.cancel()

@@ -15,7 +15,7 @@ import ray
 
 from raylane.errors import ResourceError
 from raylane.options import LaunchOptions
-from raylane.placement import WorkerReservation
+from raylane.placement import WorkerReservation, fits
 from raylane_tune import _ray_tune
 
 
@@ -33,7 +33,7 @@ def reserve_in_trial(bundles: Sequence[Mapping[str, float]], options: LaunchOpti
     first_worker = 0 if _ray_tune.head_bundle_is_empty(tune.get_context().get_trial_resources()) else 1
     held = [dict(spec) for spec in group.bundle_specs]
     for_workers = held[first_worker:]
-    if len(for_workers) < len(bundles) or not all(_fits(b, h) for b, h in zip(bundles, for_workers)):
+    if len(for_workers) < len(bundles) or not all(fits(b, h) for b, h in zip(bundles, for_workers)):
         besides = " besides the trial's own first bundle" if first_worker else ""
         raise ResourceError(
             f"The workers do not fit this Ray Tune trial's placement group, which cannot grow: {len(bundles)} "
@@ -52,7 +52,7 @@ def workers_in_trial(options: LaunchOptions) -> int:
         return 0
     first_worker = 0 if _ray_tune.head_bundle_is_empty(tune.get_context().get_trial_resources()) else 1
     bundle = options.worker_resources()
-    return sum(1 for held in group.bundle_specs[first_worker:] if _fits(bundle, held))
+    return sum(1 for held in group.bundle_specs[first_worker:] if fits(bundle, held))
 
 
 def _what_to_pass(options: LaunchOptions) -> str:
@@ -71,10 +71,6 @@ def _fmt_options(options: LaunchOptions) -> str:
         if value != getattr(defaults, name):
             shown[name] = dict(value) if isinstance(value, Mapping) else value
     return ", ".join(f"{name}={value!r}" for name, value in shown.items())
-
-
-def _fits(asked: Mapping[str, float], held: Mapping[str, float]) -> bool:
-    return all(held.get(name, 0) + 1e-9 >= amount for name, amount in asked.items())
 
 
 def _fmt_bundles(bundles: Sequence[Mapping[str, float]]) -> str:
