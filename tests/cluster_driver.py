@@ -62,6 +62,7 @@ def train_on_ray_data() -> dict[str, Any]:
     """A fit (train and val) and a predict fed by Ray Datasets: the splits are made from this driver, whichever way it
     reaches the cluster, and the rows stream from Ray Data's coordinator to the workers."""
     quiet = {"enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False}
+    ray.data.DataContext.get_current().enable_progress_bars = False  # their carriage returns would swallow the report
     model = RowRecordingModel()
     trainer = pl.Trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, logger=False, **quiet)
     trainer.fit(model, from_ray(make_ray_dataset(64), batch_size=8), from_ray(make_ray_dataset(32), batch_size=8))
@@ -76,7 +77,7 @@ def train_on_ray_data() -> dict[str, Any]:
 
 def report(model_class: type[ClassifierModel] = ClassifierModel) -> None:
     result = {"cwd": os.getcwd(), **train(model_class), "ray_data": train_on_ray_data()}
-    print(RESULT_PREFIX + json.dumps(result), flush=True)
+    print("\n" + RESULT_PREFIX + json.dumps(result), flush=True)  # on a line of its own, whatever came before
 
 
 if __name__ == "__main__":

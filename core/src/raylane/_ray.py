@@ -106,6 +106,7 @@ def is_driver() -> bool:
         return False
 
 
+LOG_FLUSH_S = 0.5  # what Ray's exit hook, too, gives the workers' last log lines to reach the driver
 CORE_GRACE_S = 1.0  # what Ray gives its raylet and its GCS after SIGTERM before it kills them
 OTHERS_GRACE_S = 0.2  # the helper processes (autoscaler monitor, log monitor, ...): Ray waits a second for each
 
@@ -114,13 +115,15 @@ def stop_ray() -> None:
     """``ray.shutdown()`` without its waits, for a script that is exiting.
 
     Ray's exit hook sleeps half a second (for log lines still in flight), then stops the processes it started one at
-    a time, giving each up to a second after SIGTERM; its autoscaler monitor takes all of that second. Here the driver
+    a time, giving each up to a second after SIGTERM; its autoscaler monitor takes all of that second. Here the same
+    half second lets the workers' last prints reach the driver (without it they were lost), then the driver
     disconnects as ``ray.shutdown()`` does it, the raylet (which stops its worker processes) and then the GCS are
     stopped as Ray stops them (each exits within milliseconds of SIGTERM once the driver is gone; stopped together,
     they wait for each other), and the other processes get SIGTERM at once, then SIGKILL after
     :data:`OTHERS_GRACE_S`. A Ray this process only connected to has none of its processes here: it is only
     disconnected.
     """
+    time.sleep(LOG_FLUSH_S)
     try:
         from ray._private import ray_constants
         from ray._private import worker as ray_worker

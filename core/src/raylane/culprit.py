@@ -28,6 +28,7 @@ PEER_FAILURE_MARKERS = (
 # where the others waited in vain.
 _COLLECTIVE_TIMEOUT = re.compile(
     r"Timed out waiting \d+ms for (recv|send) operation"
+    r"|Application timeout caused pair closure"  # Gloo, when the timeout ends a wait on an asynchronous work handle
     r"|Watchdog caught collective operation timeout"
     r"|HorovodInternalError"
 )
