@@ -169,7 +169,7 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
                 )
 
     def predict_step(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().predict_step(*args, **kwargs)
+        output = _completed(super().predict_step(*args, **kwargs))
         batches = self._predict_batches
         index = kwargs.get("dataloader_idx", args[2] if len(args) > 2 else 0)
         if batches and index < len(batches["done"]):
@@ -275,3 +275,13 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
             mesh_dim_names=("replicate", "shard", "tensor_parallel"),
         )
         return mesh["replicate", "shard"]
+
+
+def _completed(output: Any) -> Any:
+    """``output`` with every tensor's pending collective finished. A tensor-parallel layer (``RowwiseParallel``)
+    returns its all-reduced output as an asynchronous tensor that finishes on first use; a prediction is not used on
+    the worker, so without this it could leave with the rank's partial sum (seen on the last batch of a predict)."""
+    from lightning_utilities.core.apply_func import apply_to_collection
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    return apply_to_collection(output, AsyncCollectiveTensor, lambda tensor: tensor.wait())
