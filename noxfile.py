@@ -137,7 +137,8 @@ def backend(session: nox.Session, name: str) -> None:
     reference = [] if name == "ddp" else ["-e", "backends/ddp"]  # ddp is light: torch and Lightning only
     _install_core(session, "-e", f"backends/{name}", *reference)
     if (ROOT / "backends" / name / "nox_prepare.py").is_file():  # what the backend needs beyond pip (a build)
-        session.run("python", f"backends/{name}/nox_prepare.py")
+        # A build step, not training: importing raylane must not start a Ray beside it.
+        session.run("python", f"backends/{name}/nox_prepare.py", env={"RAYLANE_EARLY_START": "0"})
     smoke = f"import pytorch_lightning, raylane; raylane.get_strategy({name!r}, workers=1)"
     session.run("python", "-c", smoke)  # smoke import
     session.run(*PYTEST, f"backends/{name}/tests", *session.posargs)

@@ -14,8 +14,6 @@ from compare_ddp_timer import LoopTimer, measured
 from compare_ddp_workload import EXAMPLES_DIR, PROCESSES, Workload, synthetic_digits
 from torch.utils.data import DataLoader
 
-from raylane import get_strategy
-
 if str(EXAMPLES_DIR) not in sys.path:
     sys.path.insert(0, str(EXAMPLES_DIR))  # the example's model module, found as a user's script would find it
 from digits import DigitsClassifier
@@ -62,6 +60,9 @@ def trainer_flags(config: str, **raylane_options: Any) -> dict[str, Any]:
     if config == "ddp_spawn":
         return {"strategy": "ddp_spawn", "accelerator": "cpu", "devices": PROCESSES}
     if config == "raylane":
+        # Imported here: a ddp_spawn script does not import raylane (nor Ray), as a plain Lightning user's would not.
+        from raylane import get_strategy
+
         # Ray Train's configuration imports lightning.pytorch too; these Trainers are pytorch_lightning's.
         options = {"workers": PROCESSES, "lightning": "pytorch_lightning", **raylane_options}
         return {"strategy": get_strategy("ddp", **options), "accelerator": "cpu"}

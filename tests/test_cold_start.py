@@ -1,6 +1,7 @@
-"""A script that lets raylane start Ray: Ray and the workers start when the Trainer is built, the workers import torch
-and Lightning before the first entry point needs them, ``RAYLANE_EARLY_START=0`` turns that off, a script that calls
-``ray.init`` itself keeps its own Ray, and nothing of Ray outlives the script.
+"""A script that lets raylane start Ray: Ray starts at ``import raylane`` (or, in a script that imports Ray, when the
+Trainer is built), the workers start with the Trainer and import torch and Lightning before the first entry point needs
+them, ``RAYLANE_EARLY_START=0`` turns that off, a script that calls ``ray.init`` itself (even where raylane cannot see
+it) gets its own Ray, and nothing of Ray outlives the script.
 
 Each test runs a driver script in a fresh interpreter, as a user does (``python train.py``), with a Ray temp folder of
 its own, so every process of that script's Ray can be found afterwards by its command line. The scripts do not import
@@ -99,6 +100,17 @@ def rank_reports(report_dir):
     return [json.load(open(os.path.join(report_dir, f"rank{rank}.json"))) for rank in (0, 1)]
 
 
+def ray_state():  # whether raylane began starting Ray at import, and the Ray the script has now (waited for)
+    import ray
+    from raylane import local_ray
+
+    local_ray.wait_for_background_start()
+    return {
+        "started_at_import": local_ray.started_at_import(),
+        "cpus": ray.cluster_resources()["CPU"] if ray.is_initialized() else None,
+    }
+
+
 def raylane_actor_pids():
     import ray
 
@@ -110,11 +122,13 @@ def raylane_actor_pids():
 TRAIN = """
 import json, sys
 import ray
+import raylane
 from probe import Probe, loader, rank_reports, raylane_actor_pids, trainer
 
+report = {"ray_at_import": raylane.local_ray.started_at_import()}
 fitting = trainer()
 ready = fitting.strategy.launcher.early_workers_ready(timeout_s=150)  # the script's own work, as long as start-up
-report = {"ray_before_fit": ray.is_initialized(), "early_workers_ready": ready}
+report.update({"ray_before_fit": ray.is_initialized(), "early_workers_ready": ready})
 report["pids_before_fit"] = raylane_actor_pids() if ray.is_initialized() else []
 fitting.fit(Probe(sys.argv[1]), loader())
 report["ranks"] = rank_reports(sys.argv[1])
@@ -131,7 +145,14 @@ def ray_tmpdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_script(tmp_path: Path, ray_tmpdir: Path, script: str, **env: str) -> dict[str, Any]:
+def run_script(
+    tmp_path: Path,
+    ray_tmpdir: Path,
+    script: str,
+    args: list[str] | None = None,
+    ray_expected: bool = True,
+    **env: str,
+) -> dict[str, Any]:
     (tmp_path / "probe.py").write_text(PROBE)
     site = tmp_path / "site"
     site.mkdir()
@@ -140,7 +161,7 @@ def run_script(tmp_path: Path, ray_tmpdir: Path, script: str, **env: str) -> dic
     reports = tmp_path / "reports"
     reports.mkdir()
     done = subprocess.run(
-        [sys.executable, "train.py", str(reports)],
+        [sys.executable, "train.py", str(reports), *(args or [])],
         cwd=tmp_path,
         env=env_without_ray_address({"RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": python_path(site), **env}),
         capture_output=True,
@@ -148,7 +169,10 @@ def run_script(tmp_path: Path, ray_tmpdir: Path, script: str, **env: str) -> dic
         timeout=SCRIPT_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert_nothing_left_running(ray_tmpdir)
+    if ray_expected:
+        assert_nothing_left_running(ray_tmpdir)
+    else:
+        assert not (ray_tmpdir / "ray").exists(), "the script started a Ray"
     return printed_report(done.stdout)
 
 
@@ -185,6 +209,7 @@ def test_building_the_trainer_starts_ray_and_workers_that_import_lightning_befor
     tmp_path: Path, ray_tmpdir: Path
 ) -> None:
     report = run_script(tmp_path, ray_tmpdir, TRAIN)
+    assert not report["ray_at_import"], "a script that imports Ray picks when Ray starts: not at import raylane"
     assert report["ray_before_fit"] and report["early_workers_ready"], report
     trained_on = sorted(rank["pid"] for rank in report["ranks"])
     assert trained_on == report["pids_before_fit"], "fit trained on the workers started when the Trainer was built"
@@ -245,9 +270,121 @@ print("REPORT " + json.dumps({"outcome": outcome, "ranks": rank_reports(sys.argv
 def test_ray_init_hidden_from_raylane_after_its_early_start_fails_as_the_docs_say(
     tmp_path: Path, ray_tmpdir: Path
 ) -> None:
-    (tmp_path / "setup_cluster.py").write_text(
-        "import ray\n\n\ndef connect(**options):\n    ray.init(num_cpus=3, include_dashboard=False, **options)\n"
-    )
+    write_setup_cluster(tmp_path)
     report = run_script(tmp_path, ray_tmpdir, HIDDEN_RAY_INIT)
     assert "ray.init twice" in report["outcome"], report["outcome"]  # Ray's own error, quoted in docs/startup.md
     assert len(report["ranks"]) == 2, report
+
+
+def write_setup_cluster(tmp_path: Path) -> None:
+    """A module of the user's that calls ``ray.init``: raylane reads only the script's own file, so it cannot see it."""
+    (tmp_path / "setup_cluster.py").write_text(
+        "import ray\n\n\ndef connect(**options):\n    ray.init(num_cpus=3, include_dashboard=False, **options)\n"
+    )
+
+
+# A script as users write it when they leave Ray to raylane: its file never imports Ray.
+AT_IMPORT = """
+import json, sys
+import raylane
+started_at_import = raylane.local_ray.started_at_import()
+from probe import Probe, loader, rank_reports, ray_state, trainer
+
+before_trainer = ray_state()
+fitting = trainer(**OPTIONS)
+fitting.fit(Probe(sys.argv[1]), loader())
+report = {"started_at_import": started_at_import, "before_trainer": before_trainer, "after_fit": ray_state()}
+report["ranks"] = rank_reports(sys.argv[1])
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+def test_importing_raylane_starts_ray_before_any_trainer_and_the_first_fit_trains_on_it(
+    tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    report = run_script(tmp_path, ray_tmpdir, AT_IMPORT.replace("OPTIONS", "{}"))
+    assert report["started_at_import"], report
+    cpus = os.cpu_count()
+    assert report["before_trainer"]["cpus"] == cpus, "Ray was up, sized for this machine, before any Trainer existed"
+    assert report["after_fit"]["cpus"] == cpus and len(report["ranks"]) == 2, "fit trained on that same Ray"
+
+
+def test_a_trainer_asking_for_more_cpus_than_the_ray_started_at_import_gets_a_ray_with_enough(
+    tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    cpus = os.cpu_count() or 1
+    options = f"{{'cpus_per_worker': {cpus}}}"  # 2 workers: twice this machine's CPUs, oversubscribed on purpose
+    report = run_script(tmp_path, ray_tmpdir, AT_IMPORT.replace("OPTIONS", options))
+    assert report["started_at_import"] and report["before_trainer"]["cpus"] == cpus, report
+    assert report["after_fit"]["cpus"] == 2 * cpus and len(report["ranks"]) == 2, report
+
+
+HIDDEN_RAY_INIT_BEFORE_THE_TRAINER = """
+import json, sys
+import raylane
+from probe import Probe, loader, rank_reports, ray_state, trainer
+from setup_cluster import connect
+
+started_at_import = raylane.local_ray.started_at_import()
+connect()
+fitting = trainer()
+fitting.fit(Probe(sys.argv[1]), loader())
+report = {"started_at_import": started_at_import, "after_fit": ray_state(), "ranks": rank_reports(sys.argv[1])}
+print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+def test_a_ray_init_raylane_cannot_see_gets_its_own_ray_in_place_of_the_one_started_at_import(
+    tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    write_setup_cluster(tmp_path)
+    report = run_script(tmp_path, ray_tmpdir, HIDDEN_RAY_INIT_BEFORE_THE_TRAINER)
+    assert report["started_at_import"], "the script does not show its ray.init: raylane started Ray at import"
+    assert report["after_fit"]["cpus"] == 3, "the call got the Ray it asked for, as it would without raylane"
+    assert len(report["ranks"]) == 2, report
+
+
+# Exits right after importing raylane, while its Ray may still be starting; with "spawn", a multiprocessing child
+# first imports this file again (as "__mp_main__"), which imports raylane too.
+IMPORT_ONLY = """
+import json, multiprocessing, sys
+import raylane
+
+
+def child_started(queue):
+    queue.put(raylane.local_ray.started_at_import())
+
+
+if __name__ == "__main__":
+    report = {"started_at_import": raylane.local_ray.started_at_import()}
+    if "spawn" in sys.argv:
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        child = context.Process(target=child_started, args=(queue,))
+        child.start()
+        report["child_started_at_import"] = queue.get(timeout=120)
+        child.join()
+    print("REPORT " + json.dumps(report), flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "header", "env", "starts"),
+    [
+        ("a script that leaves Ray to raylane", "", {}, True),
+        ("the script imports Ray itself", "import ray\n", {}, False),
+        ("one rank of a job torchrun or Lightning's ddp launched", "", {"LOCAL_RANK": "0"}, False),
+        ("the off switch", "", {"RAYLANE_EARLY_START": "0"}, False),
+    ],
+)
+def test_import_starts_ray_only_in_a_training_script_that_leaves_ray_to_raylane(
+    case: str, header: str, env: dict[str, str], starts: bool, tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    # The script exits right after the import: a start still under way is finished and stopped, nothing left behind.
+    report = run_script(tmp_path, ray_tmpdir, header + IMPORT_ONLY, ray_expected=starts, **env)
+    assert report["started_at_import"] is starts, case
+
+
+def test_a_multiprocessing_child_importing_the_script_again_starts_no_ray(tmp_path: Path, ray_tmpdir: Path) -> None:
+    report = run_script(tmp_path, ray_tmpdir, IMPORT_ONLY, args=["spawn"])
+    assert report == {"started_at_import": True, "child_started_at_import": False}, report

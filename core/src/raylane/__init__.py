@@ -19,7 +19,7 @@ from raylane.errors import (
     WorkerError,
 )
 from raylane.hookspecs import hookimpl
-from raylane.local_ray import start_ray_in_background
+from raylane.local_ray import start_at_import, start_ray_in_background
 from raylane.options import LaunchOptions
 from raylane.registry import BackendInfo, list_backends
 
@@ -46,3 +46,7 @@ __version__ = "0.1.0"
 
 # Trainer(strategy="ray_<backend>") in every Lightning namespace, whether imported before raylane or after.
 _lightning.when_imported(register_with_lightning)
+
+# A training script that leaves Ray to raylane gets its local Ray starting now, while it imports Lightning
+# (raylane.local_ray; RAYLANE_EARLY_START=0 turns it off).
+start_at_import()

@@ -107,23 +107,23 @@ def is_driver() -> bool:
 
 
 LOG_FLUSH_S = 0.5  # what Ray's exit hook, too, gives the workers' last log lines to reach the driver
-CORE_GRACE_S = 1.0  # what Ray gives its raylet and its GCS after SIGTERM before it kills them
-OTHERS_GRACE_S = 0.2  # the helper processes (autoscaler monitor, log monitor, ...): Ray waits a second for each
+CORE_GRACE_S = 1.0  # what Ray gives its raylet after SIGTERM before it kills it
+OTHERS_GRACE_S = 0.2  # the log monitor and the dashboard's processes exit within milliseconds of SIGTERM
 
 
-def stop_ray() -> None:
+def stop_ray(flush_logs: bool = True) -> None:
     """``ray.shutdown()`` without its waits, for a script that is exiting.
 
     Ray's exit hook sleeps half a second (for log lines still in flight), then stops the processes it started one at
-    a time, giving each up to a second after SIGTERM; its autoscaler monitor takes all of that second. Here the same
-    half second lets the workers' last prints reach the driver (without it they were lost), then the driver
-    disconnects as ``ray.shutdown()`` does it, the raylet (which stops its worker processes) and then the GCS are
-    stopped as Ray stops them (each exits within milliseconds of SIGTERM once the driver is gone; stopped together,
-    they wait for each other), and the other processes get SIGTERM at once, then SIGKILL after
+    a time, giving each up to a second after SIGTERM. Here the autoscaler monitor is killed at once (it carries no
+    logs, and ignores SIGTERM for that second); the same half second lets the workers' last prints reach the driver
+    (without it they were lost; ``flush_logs=False`` when no worker ever ran); the driver disconnects as
+    ``ray.shutdown()`` does it; the raylet gets SIGTERM (it stops its worker processes, within milliseconds once
+    the driver is gone); then the GCS is killed (once its raylet is gone it holds nothing anyone needs, and it
+    sometimes waits a second or more before it heeds SIGTERM) and the rest get SIGTERM, then SIGKILL after
     :data:`OTHERS_GRACE_S`. A Ray this process only connected to has none of its processes here: it is only
     disconnected.
     """
-    time.sleep(LOG_FLUSH_S)
     try:
         from ray._private import ray_constants
         from ray._private import worker as ray_worker
@@ -132,20 +132,33 @@ def stop_ray() -> None:
         processes = {
             kind: [info.process for info in infos] for kind, infos in (node.all_processes if node else {}).items()
         }
-        core = [ray_constants.PROCESS_TYPE_RAYLET, ray_constants.PROCESS_TYPE_GCS_SERVER]
+        raylet = processes.pop(ray_constants.PROCESS_TYPE_RAYLET, [])
+        monitor = processes.pop(ray_constants.PROCESS_TYPE_MONITOR, [])
+        gcs = processes.pop(ray_constants.PROCESS_TYPE_GCS_SERVER, [])
         ray_worker._global_node = None  # ray.shutdown() below then only disconnects
     except Exception:  # a Ray that moved them: its own shutdown, with its waits
         log.debug("stopping Ray the quick way failed; using ray.shutdown()", exc_info=True)
         ray.shutdown()
         return
     try:
+        _kill(monitor)
+        if flush_logs:
+            time.sleep(LOG_FLUSH_S)
         ray.shutdown()
         if node is not None and node.is_head():
             node.destroy_external_storage()  # objects spilled to disk, as ray.shutdown() removes them
     finally:
-        for kind in core:
-            _stop_processes(processes.pop(kind, []), CORE_GRACE_S)
+        _stop_processes(raylet, CORE_GRACE_S)
+        _kill(gcs)
         _stop_processes([process for rest in processes.values() for process in rest], OTHERS_GRACE_S)
+
+
+def _kill(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+    for process in processes:
+        _reap(process)
 
 
 def _stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float) -> None:
@@ -159,7 +172,11 @@ def _stop_processes(processes: list[subprocess.Popen[bytes]], grace_s: float) ->
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
             process.kill()
-            try:
-                process.wait(timeout=CORE_GRACE_S)
-            except subprocess.TimeoutExpired:  # stuck in the kernel; init reaps it once it dies
-                log.debug("Ray process %d did not die on SIGKILL", process.pid)
+            _reap(process)
+
+
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    try:
+        process.wait(timeout=CORE_GRACE_S)
+    except subprocess.TimeoutExpired:  # stuck in the kernel; init reaps it once it dies
+        log.debug("Ray process %d did not die on SIGKILL", process.pid)

@@ -1,29 +1,34 @@
-"""The local Ray of a script that does not connect to a cluster: started as soon as the script builds a raylane
-Trainer (or earlier, by :func:`start_ray_in_background`), in the background, so it comes up while the script goes on
-loading its data; and stopped quickly when the script exits.
+"""The local Ray of a script that does not connect to a cluster: started in the background as soon as the script
+imports raylane (:func:`start_at_import`), else when it builds a raylane Trainer (or by
+:func:`start_ray_in_background`), so it comes up while the script goes on importing Lightning and loading its data;
+and stopped quickly when the script exits.
 
 Starting early is the default only where it cannot surprise anyone (:func:`early_start_blocked`): in the main process
 of a script that connects to no cluster (no ``RAY_ADDRESS``), runs no Ray yet, and does not call ``ray.init`` itself;
 never inside Ray's own worker processes (they import raylane when they load a Trainer), in a child process, or under
-pytest (whose fixtures start Ray themselves). ``RAYLANE_EARLY_START=0`` turns it off.
+pytest (whose fixtures start Ray themselves). Starting at import asks more (:mod:`raylane.main_script`): a script file
+of the user's (not a notebook, a REPL, an installed command, one rank of another launcher) that does not import Ray;
+and a ``ray.init`` call that raylane could not see coming still gets the Ray it asks for (:func:`_give_way_to`).
+``RAYLANE_EARLY_START=0`` turns both off.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import importlib.util
 import logging
 import multiprocessing
 import os
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from typing import Any
 
 import ray
 
-from raylane import _ray
+from raylane import _ray, main_script
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +45,9 @@ class _BackgroundStart:
     signal tied to the starting thread, so they would be killed if the thread ended."""
 
     def __init__(self, num_cpus: int, preload_modules: list[str]) -> None:
+        self.num_cpus = num_cpus
         self._ready = threading.Event()
+        self._stopped = threading.Event()
         self._error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run, args=(num_cpus, preload_modules), name="raylane-ray-start", daemon=True
@@ -55,16 +62,27 @@ class _BackgroundStart:
         finally:
             self._ready.set()
         if self._error is None:
-            threading.Event().wait()
+            self._stopped.wait()
 
     def wait(self) -> None:
         self._ready.wait()
         if self._error is not None:
             raise RuntimeError(f"starting Ray in the background failed: {self._error}") from self._error
 
+    def stop(self) -> None:
+        """Stop the Ray this started, once it is up (``ray.init`` cannot be stopped half way), and end the thread."""
+        self._ready.wait()
+        if self._error is None and ray.is_initialized():
+            _ray.stop_ray(flush_logs=False)  # only for a Ray no worker of raylane's ran on
+        self._stopped.set()
+
 
 _background: _BackgroundStart | None = None
 _stop_at_exit_registered = False
+# The Ray started at import, until a Trainer or the script's own Ray call takes it: sized for this machine, not for a
+# Trainer, and not yet asked for by anyone.
+_import_start: _BackgroundStart | None = None
+_started_at_import = False
 
 
 def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) -> None:
@@ -80,12 +98,48 @@ def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) 
     ``num_cpus`` defaults to this machine's CPU count. Does nothing when Ray is already running, when ``RAY_ADDRESS``
     names a cluster, or when called twice.
     """
-    global _background
+    global _background, _import_start
+    started, _import_start = _import_start, None  # the script says what Ray it wants now
+    if started is not None:
+        _restore_ray_init()
+        if preload or (num_cpus or started.num_cpus) != started.num_cpus:
+            started.stop()
+            _background = None
     if _background is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
         return
     # Worked out here, not on the thread: looking for a package can import it, and two threads importing the same
     # packages at once can deadlock.
     _background = _BackgroundStart(num_cpus or os.cpu_count() or 1, _preload_modules() if preload else [])
+
+
+def start_at_import() -> None:
+    """``import raylane`` in a training script that leaves Ray to raylane starts the local Ray now, in the background,
+    sized for this machine: it comes up while the script imports Lightning and builds its data and model. A Trainer
+    that asks for more CPUs than that gets a Ray restarted with enough (:func:`_take_import_start`)."""
+    global _background, _import_start, _started_at_import
+    if import_start_blocked() is not None:
+        return
+    # No preload: on a many-core machine every idle worker Ray prestarts would import torch and Lightning. The
+    # Trainer's own workers start when it is built, and import them then (raylane.warm_start).
+    _background = _import_start = _BackgroundStart(os.cpu_count() or 1, [])
+    _started_at_import = True
+    ray.init = _give_way_to(ray.init)
+    atexit.register(_stop_unfinished_start)
+
+
+def started_at_import() -> bool:
+    """Whether ``import raylane`` began starting the local Ray in this process (it may still be coming up, or may
+    have given way to a ``ray.init`` call since)."""
+    return _started_at_import
+
+
+def import_start_blocked() -> str | None:
+    """Why ``import raylane`` may not start Ray here, or None (see the module's docstring)."""
+    if reason := early_start_blocked():
+        return reason
+    if _background is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return "Ray runs, is starting, or RAY_ADDRESS names a cluster"
+    return main_script.why_not_a_training_script()
 
 
 def early_start_blocked() -> str | None:
@@ -121,10 +175,11 @@ def start_for_workers(cpus_needed: float) -> bool:
     if early_start_blocked() is not None:
         return False
     if _background is not None:
+        _take_import_start(cpus_needed)
         return True
     if ray.is_initialized():
         return _ray.is_driver()
-    if os.environ.get("RAY_ADDRESS") or _script_calls_ray_init():
+    if os.environ.get("RAY_ADDRESS") or main_script.calls_ray_init():
         return False
     _background = _BackgroundStart(_cpus_for(cpus_needed), _preload_modules())
     return True
@@ -155,6 +210,7 @@ def ensure_ray(cpus_needed: float) -> None:
     (oversubscribed) instead of waiting forever. On a cluster (``RAY_ADDRESS`` set or ``ray.init`` called) nothing is
     started. A start begun in the background is waited for.
     """
+    _take_import_start(cpus_needed)
     wait_for_early_start_or_drop_it()
     if ray.is_initialized():
         return
@@ -162,6 +218,57 @@ def ensure_ray(cpus_needed: float) -> None:
         ray.init()
         return
     _init_local(_cpus_for(cpus_needed), [])
+
+
+def _take_import_start(cpus_needed: float) -> None:
+    """A Trainer takes the Ray started at import. It has this machine's CPU count; a Trainer that asks for more
+    (``workers=4`` on a 2-core laptop, oversubscribed on purpose) would wait forever on it, so it is restarted with
+    enough, and with the workers' imports preloaded as a Trainer's own start would have them."""
+    global _background, _import_start
+    started, _import_start = _import_start, None
+    if started is None:
+        return
+    _restore_ray_init()
+    needed = _cpus_for(cpus_needed)
+    if started is _background and started.num_cpus < needed:
+        log.info("raylane: restarting the local Ray with %d CPUs (it started with %d)", needed, started.num_cpus)
+        started.stop()
+        _background = _BackgroundStart(needed, _preload_modules())
+
+
+def _give_way_to(init: Callable[..., Any]) -> Callable[..., Any]:
+    """``ray.init``, first stopping the Ray that raylane started at import if nothing took it yet: the call comes from
+    code raylane could not see (a module the script imports), and gets the Ray it asks for, as without raylane."""
+
+    @functools.wraps(init)
+    def init_after_giving_way(*args: Any, **kwargs: Any) -> Any:
+        global _background, _import_start
+        started, _import_start = _import_start, None
+        _restore_ray_init()
+        if started is not None:
+            log.info("raylane: ray.init was called; stopping the Ray raylane started at import first")
+            started.stop()
+            if _background is started:
+                _background = None
+        return init(*args, **kwargs)
+
+    init_after_giving_way.raylane_gives_way_to = init  # type: ignore[attr-defined]
+    return init_after_giving_way
+
+
+def _restore_ray_init() -> None:
+    ray.init = _unwrapped(ray.init)
+
+
+def _unwrapped(init: Callable[..., Any]) -> Callable[..., Any]:
+    return getattr(init, "raylane_gives_way_to", init)
+
+
+def _stop_unfinished_start() -> None:
+    """The script exits before anything took the Ray started at import, maybe while it still starts: stop it once it
+    is up, so none of its processes outlives the script."""
+    if _import_start is not None:
+        _import_start.stop()
 
 
 def _cpus_for(cpus_needed: float) -> int:
@@ -174,7 +281,7 @@ def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
     system_config = {"preload_python_modules": preload_modules} if preload_modules else None
     with _quiet_signal_warning():
         # address="local": our own instance, even when `ray start` left another cluster's address on this machine.
-        ray.init(
+        _unwrapped(ray.init)(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
@@ -191,19 +298,7 @@ def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
 def _stop_at_exit() -> None:
     """The script is exiting: stop the Ray raylane started without Ray's waits (:func:`raylane._ray.stop_ray`)."""
     if ray.is_initialized():
-        _ray.stop_ray()
-
-
-def _script_calls_ray_init() -> bool:
-    """Whether the script this interpreter runs mentions ``ray.init``: it then picks its own Ray, maybe after building
-    the Trainer. A notebook or a REPL has no script to read; there, call ``ray.init`` before building the Trainer."""
-    path = getattr(sys.modules.get("__main__"), "__file__", None)
-    if not path:
-        return False
-    try:
-        return "ray.init" in Path(path).read_text(errors="replace")
-    except OSError:
-        return False
+        _ray.stop_ray(flush_logs=_import_start is None)  # no worker of raylane's ran on a Ray nothing took
 
 
 def _preload_modules() -> list[str]:
