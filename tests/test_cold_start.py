@@ -388,3 +388,22 @@ def test_import_starts_ray_only_in_a_training_script_that_leaves_ray_to_raylane(
 def test_a_multiprocessing_child_importing_the_script_again_starts_no_ray(tmp_path: Path, ray_tmpdir: Path) -> None:
     report = run_script(tmp_path, ray_tmpdir, IMPORT_ONLY, args=["spawn"])
     assert report == {"started_at_import": True, "child_started_at_import": False}, report
+
+
+CHOSEN_CPUS = """
+import json
+import raylane
+from probe import ray_state
+
+started_at_import = raylane.local_ray.started_at_import()
+raylane.start_ray_in_background(num_cpus=CPUS)
+print("REPORT " + json.dumps({"started_at_import": started_at_import, "ray": ray_state()}), flush=True)
+"""
+
+
+def test_start_ray_in_background_replaces_a_ray_started_at_import_with_the_cpus_it_asks_for(
+    tmp_path: Path, ray_tmpdir: Path
+) -> None:
+    cpus = (os.cpu_count() or 1) + 1
+    report = run_script(tmp_path, ray_tmpdir, CHOSEN_CPUS.replace("CPUS", str(cpus)))
+    assert report["started_at_import"] and report["ray"]["cpus"] == cpus, report

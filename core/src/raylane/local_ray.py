@@ -90,8 +90,10 @@ def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) 
     model) run while Ray comes up, and the first ``trainer.fit()`` waits only for what is left. Call it right after
     ``import raylane``, before importing Lightning and loading data, so there is something to overlap.
 
-    Building a raylane Trainer does this by itself (with ``preload=True``) where it is safe (see the module's
-    docstring); call this to start even earlier, or in a script that calls ``ray.init`` elsewhere.
+    ``import raylane`` does this by itself in a training script that leaves Ray to raylane, and building a raylane
+    Trainer does it (with ``preload=True``) where that is safe (see the module's docstring). Call this where neither
+    applies (a notebook, a script that imports Ray), or to choose the CPU count or the preload: a Ray started at
+    import that differs is replaced.
 
     With ``preload=True`` Ray's worker processes import torch, Lightning and raylane as they start, so the workers'
     first entry point does not import them. Every Python worker Ray starts in this session then imports them too.
