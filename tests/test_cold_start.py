@@ -407,3 +407,19 @@ def test_start_ray_in_background_replaces_a_ray_started_at_import_with_the_cpus_
     cpus = (os.cpu_count() or 1) + 1
     report = run_script(tmp_path, ray_tmpdir, CHOSEN_CPUS.replace("CPUS", str(cpus)))
     assert report["started_at_import"] and report["ray"]["cpus"] == cpus, report
+
+
+# Exits while the Trainer's workers are still starting (and, with three Trainers of 2 workers on this machine's CPUs,
+# while some of them wait for resources): a Ray call after raylane stopped Ray would end the script with status 1.
+EXIT_WHILE_WORKERS_START = """
+import json
+import raylane
+from probe import trainer
+
+trainers = [trainer() for _ in range(3)]
+print("REPORT " + json.dumps({"built": len(trainers)}), flush=True)
+"""
+
+
+def test_a_script_that_exits_while_its_trainers_workers_start_exits_cleanly(tmp_path: Path, ray_tmpdir: Path) -> None:
+    assert run_script(tmp_path, ray_tmpdir, EXIT_WHILE_WORKERS_START) == {"built": 3}

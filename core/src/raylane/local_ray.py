@@ -45,6 +45,7 @@ class _BackgroundStart:
     signal tied to the starting thread, so they would be killed if the thread ended."""
 
     def __init__(self, num_cpus: int, preload_modules: list[str]) -> None:
+        atexit.register(_stop_at_exit)  # an exit before Ray is up waits for it, then stops it
         self.num_cpus = num_cpus
         self._ready = threading.Event()
         self._stopped = threading.Event()
@@ -69,16 +70,22 @@ class _BackgroundStart:
         if self._error is not None:
             raise RuntimeError(f"starting Ray in the background failed: {self._error}") from self._error
 
+    def wait_quietly(self) -> None:
+        self._ready.wait()
+
     def stop(self) -> None:
         """Stop the Ray this started, once it is up (``ray.init`` cannot be stopped half way), and end the thread."""
+        global _ray_is_ours
         self._ready.wait()
         if self._error is None and ray.is_initialized():
             _ray.stop_ray(flush_logs=False)  # only for a Ray no worker of raylane's ran on
+            _ray_is_ours = False
         self._stopped.set()
 
 
 _background: _BackgroundStart | None = None
-_stop_at_exit_registered = False
+_ray_is_ours = False  # raylane started the Ray this process runs, and has not stopped it
+_winding_up: list[Callable[[], None]] = []
 # The Ray started at import, until a Trainer or the script's own Ray call takes it: sized for this machine, not for a
 # Trainer, and not yet asked for by anyone.
 _import_start: _BackgroundStart | None = None
@@ -126,7 +133,6 @@ def start_at_import() -> None:
     _background = _import_start = _BackgroundStart(os.cpu_count() or 1, [])
     _started_at_import = True
     ray.init = _give_way_to(ray.init)
-    atexit.register(_stop_unfinished_start)
 
 
 def started_at_import() -> bool:
@@ -266,19 +272,12 @@ def _unwrapped(init: Callable[..., Any]) -> Callable[..., Any]:
     return getattr(init, "raylane_gives_way_to", init)
 
 
-def _stop_unfinished_start() -> None:
-    """The script exits before anything took the Ray started at import, maybe while it still starts: stop it once it
-    is up, so none of its processes outlives the script."""
-    if _import_start is not None:
-        _import_start.stop()
-
-
 def _cpus_for(cpus_needed: float) -> int:
     return max(os.cpu_count() or 1, int(-(-cpus_needed // 1)))
 
 
 def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
-    global _stop_at_exit_registered
+    global _ray_is_ours
     log.info("raylane: starting a local Ray instance with %d CPUs", num_cpus)
     system_config = {"preload_python_modules": preload_modules} if preload_modules else None
     with _quiet_signal_warning():
@@ -290,17 +289,32 @@ def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
             logging_level=logging.WARNING,
             _system_config=system_config,
         )
-    if not _stop_at_exit_registered:
-        # Registered after Ray's own exit hook, so it runs first (atexit is last in, first out); Ray's then finds
-        # nothing left to do.
-        atexit.register(_stop_at_exit)
-        _stop_at_exit_registered = True
+    _ray_is_ours = True
+    # Registered after Ray's own exit hook, so it runs first (atexit is last in, first out); Ray's then finds nothing
+    # left to do. (A background start also registered it when it began, for an exit before Ray is up.)
+    atexit.register(_stop_at_exit)
+
+
+def before_stopping_ray(wind_up: Callable[[], None]) -> None:
+    """Call ``wind_up`` at exit before raylane stops the Ray it started: threads still using Ray must be done first,
+    since a Ray call after ``ray.shutdown()`` ends the whole process with status 1."""
+    _winding_up.append(wind_up)
 
 
 def _stop_at_exit() -> None:
-    """The script is exiting: stop the Ray raylane started without Ray's waits (:func:`raylane._ray.stop_ray`)."""
-    if ray.is_initialized():
+    """The script is exiting: let what still uses Ray wind up (:func:`before_stopping_ray`), wait for a start still
+    under way, and stop the Ray raylane started without Ray's waits (:func:`raylane._ray.stop_ray`)."""
+    global _ray_is_ours
+    for wind_up in _winding_up:
+        try:
+            wind_up()
+        except Exception:  # stopping Ray matters more
+            log.debug("raylane: winding up before stopping Ray failed", exc_info=True)
+    if _background is not None:
+        _background.wait_quietly()
+    if _ray_is_ours and ray.is_initialized():
         _ray.stop_ray(flush_logs=_import_start is None)  # no worker of raylane's ran on a Ray nothing took
+    _ray_is_ours = False
 
 
 def _preload_modules() -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # An early start never queues behind other work for long: it gives up, and the entry point starts the workers.
 RESOURCE_WAIT_S = 10.0
+# How long a script's exit waits for an early start under way to let go of Ray (its longest wait is for resources).
+WIND_UP_S = 3 * RESOURCE_WAIT_S
 
 
 class WarmStart:
@@ -49,16 +52,17 @@ class WarmStart:
         self._thread = threading.Thread(
             target=self._start, args=(list(preload),), name="raylane-warm-start", daemon=True
         )
+        _under_way.add(self)
         self._thread.start()
 
     def _start(self, preload: list[str]) -> None:
         group: WorkerGroup | None = None
         try:
             local_ray.wait_for_background_start()
-            if not ray.is_initialized():
+            if not ray.is_initialized() or self._released():
                 return
             group = WorkerGroup(self.host, _waiting_briefly(self.options), self._backend_options).start()
-            if preload:
+            if preload and not self._released():
                 ray.get([actor.preload.remote(preload) for actor in group.actors])
         except Exception:  # the entry point starts its workers itself and reports what goes wrong then
             log.debug("raylane: starting the workers early failed", exc_info=True)
@@ -71,6 +75,15 @@ class WarmStart:
                 self._watch = _watch_idle(group, self.options.idle_timeout, self.release)
                 return
         group.shutdown()  # released while starting
+
+    def _released(self) -> bool:
+        with self._lock:
+            return self._done
+
+    def wind_up(self) -> None:
+        """Release the workers and wait (up to :data:`WIND_UP_S`) until the start under way no longer uses Ray."""
+        self.release("the script is exiting")
+        self._thread.join(WIND_UP_S)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait until the start has ended; whether the workers are up and unclaimed."""
@@ -104,6 +117,20 @@ class WarmStart:
         if group is not None:
             log.info("raylane: releasing the workers started before the first entry point: %s.", reason)
             group.shutdown()
+
+
+_under_way: weakref.WeakSet[WarmStart] = weakref.WeakSet()
+
+
+def _wind_up_every_start() -> None:
+    starts = list(_under_way)
+    for start in starts:
+        start.release("the script is exiting")
+    for start in starts:
+        start.wind_up()
+
+
+local_ray.before_stopping_ray(_wind_up_every_start)
 
 
 def _waiting_briefly(options: LaunchOptions) -> LaunchOptions:
