@@ -107,14 +107,11 @@ def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) 
     ``num_cpus`` defaults to this machine's CPU count. Does nothing when Ray is already running, when ``RAY_ADDRESS``
     names a cluster, or when called twice.
     """
-    global _background, _import_start
-    started, _import_start = _import_start, None  # the script says what Ray it wants now
-    if started is not None:
-        _restore_ray_init()
-        if preload or (num_cpus or started.num_cpus) != started.num_cpus:
-            started.stop()
-            _background = None
-    if _background is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+    global _background
+    started = _claim_import_start()  # the script says what Ray it wants now
+    if started is not None and (preload or (num_cpus or started.num_cpus) != started.num_cpus):
+        _stop_background(started)
+    if _ray_running_or_elsewhere():
         return
     # Worked out here, not on the thread: looking for a package can import it, and two threads importing the same
     # packages at once can deadlock.
@@ -145,9 +142,13 @@ def import_start_blocked() -> str | None:
     """Why ``import raylane`` may not start Ray here, or None (see the module's docstring)."""
     if reason := early_start_blocked():
         return reason
-    if _background is not None or ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+    if _ray_running_or_elsewhere():
         return "Ray runs, is starting, or RAY_ADDRESS names a cluster"
     return main_script.why_not_a_training_script()
+
+
+def _ray_running_or_elsewhere() -> bool:
+    return _background is not None or ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
 def early_start_blocked() -> str | None:
@@ -232,16 +233,30 @@ def _take_import_start(cpus_needed: float) -> None:
     """A Trainer takes the Ray started at import. It has this machine's CPU count; a Trainer that asks for more
     (``workers=4`` on a 2-core laptop, oversubscribed on purpose) would wait forever on it, so it is restarted with
     enough, and with the workers' imports preloaded as a Trainer's own start would have them."""
-    global _background, _import_start
-    started, _import_start = _import_start, None
-    if started is None:
-        return
-    _restore_ray_init()
+    global _background
+    started = _claim_import_start()
     needed = _cpus_for(cpus_needed)
-    if started is _background and started.num_cpus < needed:
+    if started is not None and started is _background and started.num_cpus < needed:
         log.info("raylane: restarting the local Ray with %d CPUs (it started with %d)", needed, started.num_cpus)
-        started.stop()
+        _stop_background(started)
         _background = _BackgroundStart(needed, _preload_modules())
+
+
+def _claim_import_start() -> _BackgroundStart | None:
+    """The Ray started at import, now its caller's (a Trainer, or the script's own Ray call); ``ray.init`` is Ray's
+    own again."""
+    global _import_start
+    started, _import_start = _import_start, None
+    if started is not None:
+        _restore_ray_init()
+    return started
+
+
+def _stop_background(started: _BackgroundStart) -> None:
+    global _background
+    started.stop()
+    if _background is started:
+        _background = None
 
 
 def _give_way_to(init: Callable[..., Any]) -> Callable[..., Any]:
@@ -250,14 +265,10 @@ def _give_way_to(init: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(init)
     def init_after_giving_way(*args: Any, **kwargs: Any) -> Any:
-        global _background, _import_start
-        started, _import_start = _import_start, None
-        _restore_ray_init()
+        started = _claim_import_start()
         if started is not None:
             log.info("raylane: ray.init was called; stopping the Ray raylane started at import first")
-            started.stop()
-            if _background is started:
-                _background = None
+            _stop_background(started)
         return init(*args, **kwargs)
 
     init_after_giving_way.raylane_gives_way_to = init  # type: ignore[attr-defined]

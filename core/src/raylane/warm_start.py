@@ -80,11 +80,6 @@ class WarmStart:
         with self._lock:
             return self._done
 
-    def wind_up(self) -> None:
-        """Release the workers and wait (up to :data:`WIND_UP_S`) until the start under way no longer uses Ray."""
-        self.release("the script is exiting")
-        self._thread.join(WIND_UP_S)
-
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait until the start has ended; whether the workers are up and unclaimed."""
         self._thread.join(timeout_s)
@@ -123,11 +118,12 @@ _under_way: weakref.WeakSet[WarmStart] = weakref.WeakSet()
 
 
 def _wind_up_every_start() -> None:
+    """At exit: release every early start, then wait (up to :data:`WIND_UP_S` each) until none uses Ray any more."""
     starts = list(_under_way)
     for start in starts:
         start.release("the script is exiting")
     for start in starts:
-        start.wind_up()
+        start.wait(WIND_UP_S)
 
 
 local_ray.before_stopping_ray(_wind_up_every_start)
