@@ -105,6 +105,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--heartbeat-timeout", type=float, default=10.0)
     args = parser.parse_args()
+    os.environ["RAYLANE_WARM_POOL"] = "0"  # every restart starts fresh workers, as after a lost node
     restarts = RestartTimes()
     logging.getLogger("raylane").addHandler(restarts)
     load_before = os.getloadavg()

@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--only", default=",".join(FAULTS), help="comma-separated fault names")
     args = parser.parse_args()
+    os.environ["RAYLANE_WARM_POOL"] = "0"  # what stays behind is the run's own, not workers left for a next script
     names = args.only.split(",")
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     for _ in range(2):

@@ -6,9 +6,11 @@ optimizer step of a script's first Trainer (the cold start).
 
 Variants: ``ddp_spawn``; raylane as it starts by default (Ray at ``import raylane``, the workers when the Trainer is
 built, and Ray stopped quickly at exit); a script that imports Ray itself (Ray then starts with the Trainer); raylane
-with ``RAYLANE_EARLY_START=0`` (Ray and the workers start inside ``fit``); and a script that calls ``ray.init()``
-itself first. Each run is a fresh interpreter, as a user's script is.
-See README.md.
+with ``RAYLANE_EARLY_START=0`` (Ray and the workers start inside ``fit``); a script that calls ``ray.init()``
+itself first; and two scripts on a Ray that is already running (a ``ray start --head`` this benchmark starts for them
+in each round, reached through ``RAY_ADDRESS``): with the warm pool the previous script left (``raylane.warm_pool``;
+an untimed run leaves the first one) and with ``RAYLANE_WARM_POOL=0``. Each run is a fresh interpreter, as a user's
+script is. See README.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +38,10 @@ from compare_ddp_workload import PROCESSES
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 DDP_SPAWN = "ddp_spawn"
 DEFAULT = "raylane (default)"
+WARM_POOL = "raylane, running Ray, warm pool"
+# Token authentication off, on the head and its drivers alike: it is Ray's own concern, and the same for all variants.
+NO_AUTH = {"RAY_AUTH_MODE": "disabled"}
+ON_HEAD = {"RAY_ADDRESS": "{address}", **NO_AUTH}
 # name: (configuration, the script's first lines, extra environment)
 VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
     DDP_SPAWN: ("ddp_spawn", "", {}),  # imports neither raylane nor Ray, as a plain Lightning script
@@ -45,6 +54,13 @@ VARIANTS: dict[str, tuple[str, str, dict[str, str]]] = {
         "import raylane, ray; ray.init(address='local', num_cpus={cpus}, include_dashboard=False)",
         {},
     ),
+    # A workstation's `ray start --head`: the Ray outlives each script ({address} is the benchmark's own head).
+    "raylane, running Ray, pool off": (
+        "raylane",
+        "import raylane",
+        {"RAY_ADDRESS": "{address}", "RAYLANE_WARM_POOL": "0"},
+    ),
+    WARM_POOL: ("raylane", "import raylane", {"RAY_ADDRESS": "{address}"}),
 }
 SCRIPT = textwrap.dedent(
     """
@@ -71,10 +87,12 @@ SCRIPT = textwrap.dedent(
     """
 )
 PROBE_TIMEOUT_S = 600
-GOALS = (  # (label, figure, the most raylane's default may take as a multiple of ddp_spawn's)
-    ("whole script", "process_s", 1.0),
-    ("fit() to the first step, cold", "first_step_s", 0.5),
+GOALS = (  # (label, raylane's variant, figure, the most it may take as a multiple of ddp_spawn's)
+    ("whole script", DEFAULT, "process_s", 1.0),
+    ("fit() to the first step, cold", DEFAULT, "first_step_s", 0.5),
+    ("fit() with Ray already running", WARM_POOL, "fit_s", 0.5),
 )
+HEAD_START_TIMEOUT_S = 90
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -90,14 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_at_start = load_average()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in VARIANTS}
     for repeat in range(args.repeats):  # round-robin: load changes spread over every variant
-        for name, (config, first_lines, env) in VARIANTS.items():
-            runs[name].append(run_script(config, first_lines.format(cpus=PROCESSES), env, args.samples))
-            last = runs[name][-1]
-            print(
-                f"[{repeat + 1}/{args.repeats}] {name}: script {last['process_s']:.2f} s, fit {last['fit_s']:.2f} s, "
-                f"first step {last['first_step_s']:.2f} s after fit(), load {load_average():.1f}",
-                flush=True,
-            )
+        local = [name for name, (_, _, env) in VARIANTS.items() if "RAY_ADDRESS" not in env]
+        for name in local:
+            _run_variant(runs, name, repeat, args)
+        # The head runs only for its own variants: a second Ray on the machine slowed the others' start by seconds.
+        with ray_head(PROCESSES) as address:
+            on_head = [name for name in VARIANTS if name not in local]
+            run_script(*_variant(WARM_POOL, address), args.samples)  # untimed: leaves the pool the next run finds
+            for name in on_head:
+                _run_variant(runs, name, repeat, args, address)
     medians = {name: {key: median(run[key] for run in results) for key in results[0]} for name, results in runs.items()}
     report = {
         "machine": machine_and_load(load_at_start),
@@ -110,30 +129,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _variant(name: str, address: str = "") -> tuple[str, str, dict[str, str]]:
+    config, first_lines, env = VARIANTS[name]
+    return (
+        config,
+        first_lines.format(cpus=PROCESSES),
+        {key: value.format(address=address) for key, value in env.items()},
+    )
+
+
+def _run_variant(
+    runs: dict[str, list[dict[str, float]]], name: str, repeat: int, args: argparse.Namespace, address: str = ""
+) -> None:
+    runs[name].append(run_script(*_variant(name, address), args.samples))
+    last = runs[name][-1]
+    print(
+        f"[{repeat + 1}/{args.repeats}] {name}: script {last['process_s']:.2f} s, fit {last['fit_s']:.2f} s, "
+        f"first step {last['first_step_s']:.2f} s after fit(), load {load_average():.1f}",
+        flush=True,
+    )
+
+
 def goal_ratios(medians: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
-    """raylane's default over ddp_spawn for each goal, with the goal."""
-    ours, theirs = medians[DEFAULT], medians[DDP_SPAWN]
-    return {label: {"ratio": ours[key] / theirs[key], "goal": goal} for label, key, goal in GOALS}
+    """raylane over ddp_spawn for each goal, with the goal."""
+    theirs = medians[DDP_SPAWN]
+    return {
+        label: {"variant": ours, "ratio": medians[ours][key] / theirs[key], "goal": goal}
+        for label, ours, key, goal in GOALS
+    }
 
 
 def format_report(report: Mapping[str, Any], args: argparse.Namespace) -> str:
     lines = [
         f"{args.samples} samples x 1 epoch on {PROCESSES} processes; medians of {args.repeats} fresh interpreters; "
         + describe_machine(report["machine"]),
-        "variant                          script s  imports s  build s  fit s  first step s  exit s",
+        "variant                            script s  imports s  build s  fit s  first step s  exit s",
     ]
     for name, figures in report["medians"].items():
         # Whatever the script's own clock did not see: the interpreter's start (the same for all) and its exit.
         exit_s = figures["process_s"] - figures["until_fit_returned_s"]
         lines.append(
-            f"{name:<32} {figures['process_s']:8.2f} {figures['imports_s']:10.2f} {figures['build_s']:8.2f} "
+            f"{name:<34} {figures['process_s']:8.2f} {figures['imports_s']:10.2f} {figures['build_s']:8.2f} "
             f"{figures['fit_s']:6.2f} {figures['first_step_s']:13.2f} {exit_s:7.2f}"
         )
     lines.append("")
     for label, figures in report["goals"].items():
         verdict = "met" if figures["ratio"] <= figures["goal"] else "not met"
         lines.append(
-            f"{DEFAULT} / {DDP_SPAWN}, {label}: {figures['ratio']:.2f}x (goal at most {figures['goal']:g}x: {verdict})"
+            f"{figures['variant']} / {DDP_SPAWN}, {label}: {figures['ratio']:.2f}x (goal at most {figures['goal']:g}x: "
+            f"{verdict})"
         )
     return "\n".join(lines)
 
@@ -159,6 +203,43 @@ def run_script(config: str, first_lines: str, extra_env: Mapping[str, str], samp
     if probe.returncode != 0:
         raise RuntimeError(f"the training script failed:\n{probe.stderr[-4000:]}")
     return {**json.loads(probe.stdout.strip().splitlines()[-1]), "process_s": process_s}
+
+
+@contextmanager
+def ray_head(cpus: int) -> Iterator[str]:
+    """A ``ray start --head`` of its own (its own temp dir and port, no dashboard), for the variants on a running
+    Ray; its address. Every process of it is stopped afterwards (its own process group), pool workers included."""
+    temp_dir = tempfile.mkdtemp(prefix="rlb", dir="/tmp")  # short: Ray's socket paths live under it
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port)]
+    command += ["--num-cpus", str(cpus), "--num-gpus", "0", "--include-dashboard", "false", "--temp-dir", temp_dir]
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"} | NO_AUTH
+    head = subprocess.Popen(
+        [*command, "--disable-usage-stats"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+        while subprocess.run([str(ray_cli), "status", "--address", address], env=env, capture_output=True).returncode:
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("ray start --head did not come up")
+            time.sleep(1)
+        yield address
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @contextmanager

@@ -9,7 +9,8 @@ parabola (least squares) and extrapolated to 256 and 1,024 workers.
 On one machine every worker's imports compete for the same cores, so the per-worker phases grow with the count here
 and would not on a real cluster (each node imports in parallel); they are shown apart from raylane's own phases, and
 only raylane's are extrapolated. The workers start inside ``fit`` (``RAYLANE_EARLY_START=0``: building the Trainer
-would otherwise start them before ``fit`` is called). See README.md.
+would otherwise start them before ``fit`` is called), and every run starts its own (``RAYLANE_WARM_POOL=0``). See
+README.md.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # Every phase inside fit(): with the early start, building the Trainer would start its workers before fit.
     os.environ["RAYLANE_EARLY_START"] = "0"
+    # Cold starts only: on this driver's own cluster, each run's workers would otherwise serve the next (warm pool).
+    os.environ["RAYLANE_WARM_POOL"] = "0"
     counts = sorted(set(args.workers))
     cpus_per_node = -(-max(counts) // args.nodes)  # logical CPUs: one per worker, never the cores' count
     load_at_start = load_average()

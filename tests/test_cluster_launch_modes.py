@@ -4,6 +4,9 @@
 2. Ray Jobs: ``ray job submit --working-dir ... -- python train.py`` through the dashboard's job server.
 3. Ray Client: ``ray.init("ray://host:port")`` from a process that is no Ray node.
 
+Then the warm pool (:mod:`raylane.warm_pool`) between scripts run one after another on the same head
+(tests/warm_pool_driver.py); the other drivers run with it off, so that no test sees another's pool workers.
+
 One head per module (4 CPUs, its own temp dir and ports, token auth off so no machine-wide token is needed), started
 in the directory ``head/`` so its workers resolve relative paths elsewhere than the drivers do. The script
 (tests/cluster_driver.py) logs with ``CSVLogger("logs")`` and checkpoints under it: weights, metrics and those files
@@ -31,11 +34,15 @@ from typing import Any
 import pytest
 
 from raylane.testing import env_without_ray_address, free_port, printed_report
+from tests import warm_pool_driver
 from tests.cluster_driver import RESULT_PREFIX
 
 pytestmark = pytest.mark.timeout(240)
 
 DRIVER_SCRIPT = Path(__file__).with_name("cluster_driver.py")
+POOL_DRIVER = Path(warm_pool_driver.__file__)
+STOP_GRACE_S = 3  # Ray's processes stop within milliseconds of SIGTERM; `ray start --block` itself takes seconds
+POOL_WAIT_S = 90  # the pool workers a script leaves import torch and Lightning first
 HEAD_START_TIMEOUT = 90
 DRIVER_TIMEOUT = 180
 RAY_CLIENT_START_FAILED = "Starting Ray client server failed"  # Ray's proxy lost the server it forked for a client
@@ -79,10 +86,12 @@ def _accepts(port: int) -> bool:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop every process of this head (its own process group), never another Ray on the machine (no `ray stop`)."""
-    process.terminate()  # `ray start --block` stops the head's processes on its way out
+    """Stop every process of this head (its own process group), never another Ray on the machine (no `ray stop`).
+    All at once: `ray start --block` alone stops them one by one, with a grace period each."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        process.wait(timeout=20)
+        process.wait(timeout=STOP_GRACE_S)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)  # whatever did not stop in time
     process.wait(timeout=10)
@@ -95,6 +104,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     temp_dir = tempfile.mkdtemp(prefix="rlh", dir="/tmp")  # short: Ray's socket paths live under it
     env = env_without_ray_address()
     env["RAY_AUTH_MODE"] = "disabled"
+    env["RAYLANE_WARM_POOL"] = "0"  # the pool's tests turn it on for their own drivers
     ray_cli = Path(sys.executable).with_name("ray")
     command = [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "4"]
     command += ["--num-gpus", "0", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
@@ -207,6 +217,69 @@ def test_ray_job_submit_runs_the_script_and_its_logs_show_the_result(head: Head,
     assert not result["ray_client"]
     # The job's driver runs in Ray's copy of the working dir on the head node, and finds its files there.
     _assert_trained(result, Path(result["cwd"]))
+
+
+def _pool_script(head: Head, cwd: Path, *args: str, **env: str) -> tuple[dict[str, Any], str]:
+    """Run tests/warm_pool_driver.py on the head with the pool on: its report, and all it printed."""
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address, "RAYLANE_WARM_POOL": "1", **env}
+    result = _run([sys.executable, str(POOL_DRIVER), *args], cwd, env)
+    output = result.stdout + result.stderr
+    return printed_report(result.stdout, warm_pool_driver.PREFIX), output
+
+
+def _pool_waiting(head: Head, cwd: Path, want: int) -> dict[str, Any]:
+    """Once the pool holds ``want`` waiting workers (0: once none is left at all): their pids ("waiting"), and how
+    many pool workers there were at first ("first_named")."""
+    report, _ = _pool_script(head, cwd, "pool", str(want), str(POOL_WAIT_S))
+    assert not report.get("timed_out"), f"the pool never held exactly {want} waiting workers: {report}"
+    return report
+
+
+@pytest.mark.timeout(420)
+def test_the_next_script_trains_on_the_warm_workers_the_last_one_left(head: Head, tmp_path: Path) -> None:
+    first, _ = _pool_script(head, tmp_path, "fit")
+    assert first["pooled"] == [False, False], "the first script on this head finds no pool"
+    left = _pool_waiting(head, tmp_path, 2)["waiting"]
+
+    second, output = _pool_script(head, tmp_path, "fit")
+    assert second["pooled"] == [True, True], "both ranks were claimed from the pool the first script left"
+    assert second["weights"] == first["weights"], "the same results as on fresh workers"
+    warning = next((line for line in output.splitlines() if warm_pool_driver.RANK_1_WARNING in line), None)
+    assert warning is not None and "raylane rank 1" in warning, "rank 1's warning reached this driver, named"
+    refilled = _pool_waiting(head, tmp_path, 2)["waiting"]
+    assert not set(refilled) & set(left), "a claimed worker serves one driver only; the second left fresh ones"
+
+    off, _ = _pool_script(head, tmp_path, "fit", RAYLANE_WARM_POOL="0")
+    assert off["pooled"] == [False, False] and off["weights"] == first["weights"]
+    unchanged = _pool_waiting(head, tmp_path, 2)["waiting"]
+    assert unchanged == refilled, "with the pool off, a script takes none and leaves none"
+
+
+@pytest.mark.timeout(420)
+def test_pool_workers_end_with_a_killed_claimer_and_when_nobody_claims_them(head: Head, tmp_path: Path) -> None:
+    if len(_pool_script(head, tmp_path, "pool", "2", "5")[0]["waiting"]) != 2:
+        _pool_script(head, tmp_path, "fit")  # this test alone: a script leaves the pool
+        _pool_waiting(head, tmp_path, 2)
+    marker = tmp_path / "training"
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address, "RAYLANE_WARM_POOL": "1"}
+    command = [sys.executable, str(POOL_DRIVER), "fit-until-killed", str(marker)]
+    with (tmp_path / "killed.log").open("wb") as log:
+        driver = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + DRIVER_TIMEOUT
+        while not marker.exists():
+            assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the driver never started training"
+            time.sleep(0.2)
+    finally:
+        driver.kill()
+        driver.wait(timeout=10)
+    # The claimed workers are detached from the killed driver's job; they notice it ended, and leave.
+    _pool_waiting(head, tmp_path, 0)
+
+    # A script that leaves workers nobody claims: they leave after RAYLANE_WARM_POOL_TIMEOUT.
+    _pool_script(head, tmp_path, "fit", RAYLANE_WARM_POOL_TIMEOUT="10")
+    assert _pool_waiting(head, tmp_path, 0)["first_named"] == 2, "the script left 2 workers, which then left"
 
 
 @pytest.mark.timeout(60)

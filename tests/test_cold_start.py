@@ -369,20 +369,20 @@ if __name__ == "__main__":
 
 
 @pytest.mark.parametrize(
-    ("case", "header", "env", "starts"),
+    ("case", "header", "env"),
     [
-        ("a script that leaves Ray to raylane", "", {}, True),
-        ("the script imports Ray itself", "import ray\n", {}, False),
-        ("one rank of a job torchrun or Lightning's ddp launched", "", {"LOCAL_RANK": "0"}, False),
-        ("the off switch", "", {"RAYLANE_EARLY_START": "0"}, False),
+        ("the script imports Ray itself", "import ray\n", {}),
+        ("one rank of a job torchrun or Lightning's ddp launched", "", {"LOCAL_RANK": "0"}),
+        ("the off switch", "", {"RAYLANE_EARLY_START": "0"}),
     ],
 )
-def test_import_starts_ray_only_in_a_training_script_that_leaves_ray_to_raylane(
-    case: str, header: str, env: dict[str, str], starts: bool, tmp_path: Path, ray_tmpdir: Path
+def test_import_starts_no_ray_where_the_script_does_not_leave_ray_to_raylane(
+    case: str, header: str, env: dict[str, str], tmp_path: Path, ray_tmpdir: Path
 ) -> None:
-    # The script exits right after the import: a start still under way is finished and stopped, nothing left behind.
-    report = run_script(tmp_path, ray_tmpdir, header + IMPORT_ONLY, ray_expected=starts, **env)
-    assert report["started_at_import"] is starts, case
+    # The script exits right after the import. Where it does leave Ray to raylane, Ray starts and the exit, while it
+    # is still starting, leaves nothing behind: the multiprocessing test below runs that case.
+    report = run_script(tmp_path, ray_tmpdir, header + IMPORT_ONLY, ray_expected=False, **env)
+    assert report["started_at_import"] is False, case
 
 
 def test_a_multiprocessing_child_importing_the_script_again_starts_no_ray(tmp_path: Path, ray_tmpdir: Path) -> None:

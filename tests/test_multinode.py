@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import ray
 import torch
 from ray.cluster_utils import Cluster
 
-from raylane import get_strategy
+from raylane import get_strategy, warm_pool
 from raylane.group import WorkerGroup
 from raylane.options import LaunchOptions
 from raylane.registry import backend_host
@@ -97,3 +98,35 @@ def test_strict_spread_puts_one_worker_per_node(cluster: Cluster) -> None:
         group.start()
         assert len({c.placement.node_id for c in group.contexts}) == 2
         assert {c.master_addr for c in group.contexts} == {group.contexts[0].placement.node_ip}
+
+
+def test_warm_pool_workers_serve_the_bundles_on_their_own_nodes(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # This driver connected to the cluster (which outlives it), so stopped workers leave a pool: 2 on the 2-CPU node
+    # and 1 on the other. The next group must claim each on the node its bundle landed on, not anywhere.
+    monkeypatch.setenv(warm_pool.SWITCH_ENV, "1")
+    options = LaunchOptions(workers=3, placement_strategy="PACK")
+    try:
+        with WorkerGroup(backend_host("ddp"), options) as first:
+            first.start()
+            first_nodes = sorted(context.placement.node_id for context in first.contexts)
+        _wait_for_pool(len(first_nodes))
+        with WorkerGroup(backend_host("ddp"), options) as second:
+            second.start()
+            assert second.pooled == 3, "every rank was claimed from the pool"
+            bundle_nodes = ray.util.placement_group_table(second.reservation.placement_group)["bundles_to_node_id"]
+            for index, context in zip(second.reservation.bundle_indices, second.contexts, strict=True):
+                assert context.placement.node_id == bundle_nodes[index], "claimed on its bundle's node"
+            assert sorted(context.placement.node_id for context in second.contexts) == first_nodes
+    finally:
+        for name in warm_pool.pool_names():
+            ray.kill(ray.get_actor(name, namespace=warm_pool.NAMESPACE))
+    assert_released()
+
+
+def _wait_for_pool(count: int, timeout_s: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(warm_pool.pool_names()) < count:
+        assert time.monotonic() < deadline, f"the stopped group left {len(warm_pool.pool_names())} of {count}"
+        time.sleep(0.2)

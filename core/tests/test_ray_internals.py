@@ -105,3 +105,41 @@ def test_the_quick_stop_finds_the_processes_of_the_ray_it_started_and_stops_them
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith(("KINDS ", "RUNNING "))]
     assert lines == ["KINDS True True", "RUNNING [] False"], done.stdout + done.stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
+def test_a_ray_this_driver_started_is_one_the_warm_pool_knows_ends_with_it() -> None:
+    # The warm pool (raylane.warm_pool) leaves workers only on a Ray that outlives the driver; on one this process
+    # started, Ray's node object lists the processes it owns. (A connected driver's pool:
+    # tests/test_cluster_launch_modes.py.)
+    ensure_local_ray()
+    from ray._private import worker as ray_worker
+
+    assert ray_worker._global_node is not None and ray_worker._global_node.all_processes
+    assert not _ray.outlives_this_driver()
+
+
+@pytest.mark.timeout(60)
+def test_the_job_table_a_claimed_pool_worker_watches_still_answers() -> None:
+    # job_finished() turns any error into False (a claimed pool worker then lives until its group is shut down), so
+    # this asks Ray's job table directly.
+    ensure_local_ray()
+    from ray._private.worker import global_worker
+
+    jobs = global_worker.gcs_client.get_all_job_info(
+        skip_submission_job_info_field=True, skip_is_running_tasks_field=True, timeout=10
+    )
+    ours = ray.get_runtime_context().get_job_id()
+    assert {key.hex(): info.is_dead for key, info in jobs.items()}.get(ours) is False
+    assert not _ray.job_finished(ours)
+
+
+def test_the_log_prefixes_a_claimed_pool_worker_writes_are_the_ones_rays_log_monitor_reads() -> None:
+    import inspect
+
+    from ray._private import log_monitor, ray_constants
+
+    source = inspect.getsource(log_monitor)
+    for prefix in ("LOG_PREFIX_JOB_ID", "LOG_PREFIX_ACTOR_NAME"):
+        assert f"ray_constants.{prefix}" in source, f"Ray's log monitor no longer reads {prefix}"
+    assert (ray_constants.LOG_PREFIX_JOB_ID, ray_constants.LOG_PREFIX_ACTOR_NAME) == (":job_id:", ":actor_name:")

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -104,6 +105,48 @@ def is_driver() -> bool:
     except Exception:  # a Ray that moved it: then start nothing early
         log.debug("Ray did not say whether this is a driver", exc_info=True)
         return False
+
+
+def outlives_this_driver() -> bool:
+    """Whether the Ray this driver uses goes on after it exits: one it connected to (``ray start``, a cluster), not
+    one its own ``ray.init()`` started (whose processes this one owns and stops at exit)."""
+    try:
+        from ray._private import worker as ray_worker
+
+        node = ray_worker._global_node
+        return node is not None and not node.all_processes
+    except Exception:  # a Ray that moved it: assume the Ray ends with the driver
+        log.debug("Ray did not say whether it outlives this driver", exc_info=True)
+        return False
+
+
+def job_finished(job_id: str) -> bool:
+    """Whether the job ``job_id`` (hex) has ended: its driver exited or was killed. False when Ray cannot say."""
+    try:
+        from ray._private.worker import global_worker
+
+        jobs = global_worker.gcs_client.get_all_job_info(
+            skip_submission_job_info_field=True, skip_is_running_tasks_field=True, timeout=10
+        )
+        return any(info.is_dead for key, info in jobs.items() if key.hex() == job_id)
+    except Exception:
+        log.debug("Ray did not say whether job %s ended", job_id, exc_info=True)
+        return False
+
+
+def route_logs_to_job(job_id: str, actor_name: str) -> None:
+    """Send this worker process's later stdout and stderr lines to the driver of job ``job_id`` (hex), prefixed
+    with ``actor_name``.
+
+    Ray's log monitor streams a worker's lines to the driver of the job named by the last ``:job_id:`` line the worker
+    wrote, under the name of the last ``:actor_name:`` line; a process started for one job and then serving another
+    (a warm pool worker) names its new job, and its new name, this way.
+    """
+    from ray._private import ray_constants
+
+    for stream in (sys.stdout, sys.stderr):
+        print(f"{ray_constants.LOG_PREFIX_JOB_ID}{job_id}", file=stream, flush=True)
+        print(f"{ray_constants.LOG_PREFIX_ACTOR_NAME}{actor_name}", file=stream, flush=True)
 
 
 LOG_FLUSH_S = 0.5  # what Ray's exit hook, too, gives the workers' last log lines to reach the driver

@@ -19,7 +19,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from raylane import _ray, culprit
+from raylane import _ray, culprit, warm_pool
 from raylane.context import WorkerContext
 from raylane.errors import StorageError, WorkerError, worker_error
 from raylane.heartbeat import Heartbeat
@@ -55,6 +55,7 @@ class WorkerGroup:
         self.placements: list[WorkerPlacement] = []
         self.contexts: list[WorkerContext] = []
         self._rendezvous_used = False  # whether a run has used the store the contexts point to
+        self.pooled = 0  # how many of the actors came from the warm pool (raylane.warm_pool)
         self.marks: dict[str, float] = {}  # driver-side wall-clock marks of start() and run(), for benchmarks
 
     def __enter__(self) -> WorkerGroup:
@@ -75,7 +76,12 @@ class WorkerGroup:
         self.marks["placement_ready"] = time.time()
         worker_class = ray.remote(Worker)
         actor_launch_options = self._with_uploaded_code()
+        pooled = self._claim_from_warm_pool()
+        self.pooled = len(pooled)
         for rank, bundle_index in enumerate(self.reservation.bundle_indices):
+            if rank in pooled:
+                self.actors.append(pooled[rank])
+                continue
             actor_options = self.host.worker_actor_options(actor_launch_options, bundle_index)
             actor_options.update(
                 name=f"raylane:{self.host.backend}:{self.run_id}:rank-{rank}",
@@ -90,6 +96,15 @@ class WorkerGroup:
         self._refresh_contexts()
         self.marks["contexts_ready"] = time.time()
         return self
+
+    def _claim_from_warm_pool(self) -> dict[int, ray.actor.ActorHandle]:
+        """Workers an earlier driver left on these bundles' nodes (:mod:`raylane.warm_pool`), by rank; the group
+        leaves as many behind when it shuts down."""
+        assert self.reservation is not None
+        if not warm_pool.serves(self.options, self.host.worker_actor_options(self.options, 0)):
+            return {}
+        warm_pool.shut_down_at_exit(self)
+        return warm_pool.claim(self.reservation, self.options, _driver_sys_path())
 
     def _with_uploaded_code(self) -> LaunchOptions:
         """The options the actor-option hooks see: ``runtime_env``'s local folders already uploaded, once for the
@@ -126,7 +141,7 @@ class WorkerGroup:
         ranks = assign_ranks(placements)
         devices = self.host.assign_devices(placements, self.options)
         driver_node_id = driver_filesystem_node()
-        driver_sys_path = tuple(os.path.abspath(p or os.curdir) for p in sys.path)
+        driver_sys_path = _driver_sys_path()
         contexts = []
         for placement_, rank, device in zip(placements, ranks, devices):
             context = WorkerContext(
@@ -263,7 +278,7 @@ class WorkerGroup:
         node_ip = context.placement.node_ip if context else "unknown"
         node_id = context.placement.node_id if context else "unknown"
         what = what or ("died" if isinstance(err, RayActorError) else "raised")
-        self.shutdown()
+        self.shutdown(replenish=False)
         return worker_error(
             f"raylane worker rank {rank} on node {node_ip} (node id {node_id[:12]}) {what}; all workers were "
             f"stopped and their resources released.\n{err}",
@@ -276,11 +291,13 @@ class WorkerGroup:
     def pids(self) -> list[int]:
         return list(ray.get([actor.pid.remote() for actor in self.actors]))
 
-    def shutdown(self) -> None:
-        """Kill every actor and release the placement group. Safe to call more than once."""
+    def shutdown(self, replenish: bool = True) -> None:
+        """Kill every actor and release the placement group. Safe to call more than once. Unless a worker failed
+        (``replenish=False``), leave as many in the warm pool for the next driver, where there is one."""
         if not ray.is_initialized():  # ray.shutdown() took everything down already; asking Ray would restart it
             self.actors, self.reservation = [], None
             return
+        had_workers = bool(self.actors)
         for actor in self.actors:
             try:
                 ray.kill(actor, no_restart=True)
@@ -290,3 +307,9 @@ class WorkerGroup:
         if self.reservation is not None:
             self.reservation.release()
             self.reservation = None
+        if had_workers and replenish:
+            warm_pool.top_up(self)
+
+
+def _driver_sys_path() -> tuple[str, ...]:
+    return tuple(os.path.abspath(path or os.curdir) for path in sys.path)

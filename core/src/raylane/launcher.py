@@ -468,6 +468,7 @@ def _log_start(group: WorkerGroup, reused: bool) -> None:
     rank_zero_info(
         f"raylane: {group.host.backend} backend, {options.workers} worker(s) on {nodes} node(s) ({where}), placement "
         f"{options.placement_strategy}; {options.cpus_per_worker:g} CPU and {options.gpus:g} GPU per worker, devices "
-        f"{devices}{' (the idle workers of an earlier Trainer, reused)' if reused else ''}; "
+        f"{devices}{' (the idle workers of an earlier Trainer, reused)' if reused else ''}"
+        f"{f' ({group.pooled} from the warm pool an earlier script left)' if group.pooled else ''}; "
         + (f"Ray dashboard {dashboard}" if dashboard else "no Ray dashboard")
     )

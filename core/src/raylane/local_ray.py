@@ -115,7 +115,7 @@ def start_ray_in_background(num_cpus: int | None = None, preload: bool = False) 
         return
     # Worked out here, not on the thread: looking for a package can import it, and two threads importing the same
     # packages at once can deadlock.
-    _background = _BackgroundStart(num_cpus or os.cpu_count() or 1, _preload_modules() if preload else [])
+    _background = _BackgroundStart(num_cpus or os.cpu_count() or 1, preload_modules() if preload else [])
 
 
 def start_at_import() -> None:
@@ -190,7 +190,7 @@ def start_for_workers(cpus_needed: float) -> bool:
         return _ray.is_driver()
     if os.environ.get("RAY_ADDRESS") or main_script.calls_ray_init():
         return False
-    _background = _BackgroundStart(_cpus_for(cpus_needed), _preload_modules())
+    _background = _BackgroundStart(_cpus_for(cpus_needed), preload_modules())
     return True
 
 
@@ -239,7 +239,7 @@ def _take_import_start(cpus_needed: float) -> None:
     if started is not None and started is _background and started.num_cpus < needed:
         log.info("raylane: restarting the local Ray with %d CPUs (it started with %d)", needed, started.num_cpus)
         _stop_background(started)
-        _background = _BackgroundStart(needed, _preload_modules())
+        _background = _BackgroundStart(needed, preload_modules())
 
 
 def _claim_import_start() -> _BackgroundStart | None:
@@ -328,7 +328,7 @@ def _stop_at_exit() -> None:
     _ray_is_ours = False
 
 
-def _preload_modules() -> list[str]:
+def preload_modules() -> list[str]:
     """raylane's worker module and the Lightning the workers will unpickle: the one the driver imported, or, when it
     has imported none yet, whichever is installed."""
     return [*WORKER_MODULES, *lightning_modules()]

@@ -1,0 +1,94 @@
+"""Scripts run one after another against one ``ray start --head`` (``RAY_ADDRESS``), for the warm pool's tests.
+
+``python warm_pool_driver.py fit`` trains 2 workers for 2 epochs and prints ``POOL_REPORT {json}``: the trained
+weights, and for each rank whether it was claimed from the pool. ``... fit-until-killed MARKER`` claims its workers,
+writes ``MARKER`` once training runs, and trains until the test kills this driver. ``... pool WANT TIMEOUT`` waits
+until exactly ``WANT`` of this environment's pool workers wait for a claim (for 0: until none is left at all), then
+prints their pids, and how many pool workers it found at first.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import ray
+import torch
+
+from raylane import get_strategy, warm_pool
+from raylane.testing import ClassifierModel, make_loader
+
+PREFIX = "POOL_REPORT "
+RANK_1_WARNING = "rank 1 says: warm pool workers' warnings reach this driver"
+
+
+class WarningModel(ClassifierModel):
+    def on_train_start(self) -> None:
+        if self.global_rank == 1:
+            warnings.warn(RANK_1_WARNING, stacklevel=1)
+
+
+class SlowModel(ClassifierModel):
+    def __init__(self, marker: str) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_rank == 0:
+            Path(self.marker).write_text("training")
+        time.sleep(0.5)
+        return super().training_step(batch, batch_idx)
+
+
+def fit(model: ClassifierModel, epochs: int) -> dict[str, Any]:
+    torch.manual_seed(0)
+    trainer = pl.Trainer(
+        strategy=get_strategy("ddp", workers=2),
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, make_loader(8, samples=64), make_loader(8, samples=32))
+    return {
+        "weights": model.layer.weight.flatten().tolist(),
+        "pooled": ["claimed_from_pool" in marks for marks in trainer.strategy.launcher.timeline["workers"]],
+    }
+
+
+def pool(want: int, timeout_s: float) -> dict[str, Any]:
+    ray.init()
+    deadline = time.monotonic() + timeout_s
+    first_named = None
+    while True:
+        handles = [ray.get_actor(name, namespace=warm_pool.NAMESPACE) for name in warm_pool.pool_names()]
+        first_named = len(handles) if first_named is None else first_named
+        waiting = []
+        for handle in handles:
+            try:
+                if ray.get(handle.is_waiting.remote(), timeout=30):
+                    waiting.append(ray.get(handle.pid.remote(), timeout=30))
+            except Exception:  # left meanwhile
+                continue
+        if len(waiting) == want and (want or not handles):
+            return {"waiting": sorted(waiting), "first_named": first_named}
+        if time.monotonic() > deadline:
+            return {"waiting": sorted(waiting), "named": len(handles), "timed_out": True}
+        time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    if sys.argv[1] == "fit":
+        report = fit(WarningModel(), epochs=2)
+    elif sys.argv[1] == "fit-until-killed":
+        report = fit(SlowModel(sys.argv[2]), epochs=100)
+    else:
+        report = pool(int(sys.argv[2]), float(sys.argv[3]))
+    print(PREFIX + json.dumps(report), flush=True)
