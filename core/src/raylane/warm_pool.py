@@ -58,6 +58,9 @@ DEFAULT_TIMEOUT_S = 600.0
 WATCH_S = 5.0  # how often a pool worker checks its deadline, or whether its claimer's job ended
 CLAIM_TIMEOUT_S = 60.0  # a pool worker still importing answers its claim once done; a stuck one is killed
 COUNT_TIMEOUT_S = 2.0
+# The most pool workers one group leaves: Ray registers each named actor before .remote() returns (about 20 ms here),
+# and a script usually leaves them at its exit; a larger group's other ranks start as usual next time.
+MOST_LEFT = 64
 _OFF = ("0", "false", "no", "off")
 # The actor options a pool worker is started with besides its own: a Trainer whose workers need others (GPUs, a
 # runtime_env, a backend's extra options) starts its own.
@@ -209,7 +212,8 @@ def claim(
 
 def top_up(group: WorkerGroup) -> None:
     """Leave, on each node of ``group``'s workers, as many pool workers as it had there (those already waiting
-    count). ``group`` is shutting down; the new workers start detached and import what it imported."""
+    count; :data:`MOST_LEFT` in all). ``group`` is shutting down; the new workers start detached and import what it
+    imported."""
     try:
         if not group.placements or not serves(group.options, group.host.worker_actor_options(group.options, 0)):
             return
@@ -218,16 +222,16 @@ def top_up(group: WorkerGroup) -> None:
         timeout_s, modules = waiting_timeout(), local_ray.preload_modules()
         sys_path = tuple(os.path.abspath(path or os.curdir) for path in sys.path)
         pool_worker = ray.remote(PoolWorker)
-        for node, count in wanted.items():
-            for _ in range(count - waiting.get(node, 0)):
-                pool_worker.options(
-                    name=f"{fingerprint()}:{node}:{uuid.uuid4().hex[:8]}",
-                    namespace=NAMESPACE,
-                    lifetime="detached",
-                    num_cpus=0,
-                    max_concurrency=2,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                ).remote(modules, timeout_s, sys_path)
+        missing = [node for node, count in wanted.items() for _ in range(count - waiting.get(node, 0))]
+        for node in missing[:MOST_LEFT]:
+            pool_worker.options(
+                name=f"{fingerprint()}:{node}:{uuid.uuid4().hex[:8]}",
+                namespace=NAMESPACE,
+                lifetime="detached",
+                num_cpus=0,
+                max_concurrency=2,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            ).remote(modules, timeout_s, sys_path)
     except Exception:
         log.debug("raylane: could not leave workers in the warm pool", exc_info=True)
 
