@@ -156,14 +156,19 @@ def early_start_blocked() -> str | None:
 
     ``RAYLANE_EARLY_START=0`` always blocks; ``=1`` allows it under pytest too.
     """
-    setting = os.environ.get(EARLY_START_ENV, "").strip().lower()
-    if setting in _OFF:
+    if switched_off(EARLY_START_ENV):
         return f"{EARLY_START_ENV}={os.environ[EARLY_START_ENV]}"
+    setting = os.environ.get(EARLY_START_ENV, "").strip().lower()
     if multiprocessing.parent_process() is not None:
         return "a child process (multiprocessing) starts nothing of its own"
     if setting not in _ON and _under_pytest():
         return "under pytest, whose fixtures start Ray themselves"
     return None
+
+
+def switched_off(variable: str) -> bool:
+    """Whether the environment variable ``variable`` turns its feature off (``0``, ``false``, ``no``, ``off``)."""
+    return os.environ.get(variable, "").strip().lower() in _OFF
 
 
 def _under_pytest() -> bool:

@@ -61,7 +61,6 @@ COUNT_TIMEOUT_S = 2.0
 # The most pool workers one group leaves: Ray registers each named actor before .remote() returns (about 20 ms here),
 # and a script usually leaves them at its exit; a larger group's other ranks start as usual next time.
 MOST_LEFT = 64
-_OFF = ("0", "false", "no", "off")
 # The actor options a pool worker is started with besides its own: a Trainer whose workers need others (GPUs, a
 # runtime_env, a backend's extra options) starts its own.
 _DEFAULT_ACTOR_OPTIONS = {"num_cpus", "num_gpus", "resources", "max_concurrency"}
@@ -117,7 +116,7 @@ class PoolWorker(Worker):
 
 
 def enabled() -> bool:
-    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in _OFF
+    return not local_ray.switched_off(SWITCH_ENV)
 
 
 def waiting_timeout() -> float:
@@ -215,12 +214,12 @@ def top_up(group: WorkerGroup) -> None:
     count; :data:`MOST_LEFT` in all). ``group`` is shutting down; the new workers start detached and import what it
     imported."""
     try:
-        if not group.placements or not serves(group.options, group.host.worker_actor_options(group.options, 0)):
+        if not group.contexts or not serves(group.options, group.host.worker_actor_options(group.options, 0)):
             return
         wanted = Counter(placement.node_id for placement in group.placements)
         waiting = _waiting_counts(wanted)
         timeout_s, modules = waiting_timeout(), local_ray.preload_modules()
-        sys_path = tuple(os.path.abspath(path or os.curdir) for path in sys.path)
+        sys_path = group.contexts[0].driver_sys_path
         pool_worker = ray.remote(PoolWorker)
         missing = [node for node, count in wanted.items() for _ in range(count - waiting.get(node, 0))]
         for node in missing[:MOST_LEFT]:
