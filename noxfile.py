@@ -129,6 +129,15 @@ def _install_core(session: nox.Session, *extra: str) -> None:
     session.install(TORCH)
     _install_built_against_torch(session, extra)
     session.install("-e", "core[testing]", *extra)
+    _compile_editable_sources(session)
+
+
+def _compile_editable_sources(session: nox.Session) -> None:
+    """Byte-compiles this repository's Python (its packages and the test modules whose models the workers import), as
+    the installer did the others. With PYTHONDONTWRITEBYTECODE set, as on this project's machines, every Ray worker and
+    every script the tests start would compile raylane from source again: 0.4 s of CPU per process, about 4% of the
+    suite's time."""
+    session.run("python", "-m", "compileall", "-q", "core", "backends", "tune_bridge", "tests", silent=True)
 
 
 def _install_built_against_torch(session: nox.Session, extra: tuple[str, ...]) -> None:
