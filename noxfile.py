@@ -135,8 +135,8 @@ def _install_core(session: nox.Session, *extra: str) -> None:
 def _compile_editable_sources(session: nox.Session) -> None:
     """Byte-compiles this repository's Python (its packages and the test modules whose models the workers import), as
     the installer did the others. With PYTHONDONTWRITEBYTECODE set, as on this project's machines, every Ray worker and
-    every script the tests start would compile raylane from source again: 0.4 s of CPU per process, about 4% of the
-    suite's time."""
+    every script the tests start would compile raylane from source again: 0.4 s of CPU per process, 8% of the tests'
+    time."""
     session.run("python", "-m", "compileall", "-q", "core", "backends", "tune_bridge", "tests", silent=True)
 
 
