@@ -45,7 +45,12 @@ STOP_GRACE_S = 3  # Ray's processes stop within milliseconds of SIGTERM; `ray st
 POOL_WAIT_S = 90  # the pool workers a script leaves import torch and Lightning first
 HEAD_START_TIMEOUT = 90
 DRIVER_TIMEOUT = 180
-RAY_CLIENT_START_FAILED = "Starting Ray client server failed"  # Ray's proxy lost the server it forked for a client
+# Ray Client's proxy forks a server per client from a process full of gRPC threads; in Ray 2.60 about one fork in 15
+# crashes before it runs anything (ray-project/ray#63202, open). The client then fails in ray.init with one of these,
+# depending on when the proxy notices; a second connection gets a fresh fork.
+RAY_CLIENT_INIT_FAILED = "Initialization failure from server"
+RAY_CLIENT_SERVER_LOST = ("Starting Ray client server failed", "in start_specific_server")
+RAY_CLIENT_ATTEMPTS = 3
 # ray start picks fixed default ports for these; free ones let the head share the machine with other Ray instances.
 HEAD_PORT_OPTIONS = (
     "port",
@@ -177,18 +182,22 @@ def test_driver_on_the_head_node_connects_with_address_auto(head: Head, tmp_path
     assert Path(result["checkpoint"]).is_file() and Path(result["log_dir"], "metrics.csv").is_file()
 
 
-# Before the job test: with Ray 2.60, a Ray Client connecting to this head right after that test's job saw the
-# head start its per-client server process, which exited at once without a log line (cause not found yet).
+def _lost_its_ray_client_server(failure: AssertionError) -> bool:
+    """The driver failed in ``ray.init("ray://...")`` because Ray's proxy lost the server it forked for it: Ray's own
+    start-up (ray-project/ray#63202), before any raylane code runs."""
+    text = str(failure)
+    return RAY_CLIENT_INIT_FAILED in text and any(symptom in text for symptom in RAY_CLIENT_SERVER_LOST)
+
+
 def test_ray_client_driver_gets_checkpoints_and_logs_on_its_own_filesystem(head: Head, tmp_path: Path) -> None:
     command = [sys.executable, str(DRIVER_SCRIPT), head.client_address]
-    try:
-        output = _run(command, tmp_path, head.env).stdout
-    except AssertionError as failure:
-        # Ray Client's proxy sometimes loses the per-client server it forks (an empty log, seen once on a loaded
-        # machine): Ray's own start-up, before any raylane code runs. A second client gets a fresh one.
-        if RAY_CLIENT_START_FAILED not in str(failure):
-            raise
-        output = _run(command, tmp_path, head.env).stdout
+    for attempt in range(1, RAY_CLIENT_ATTEMPTS + 1):
+        try:
+            output = _run(command, tmp_path, head.env).stdout
+            break
+        except AssertionError as failure:
+            if attempt == RAY_CLIENT_ATTEMPTS or not _lost_its_ray_client_server(failure):
+                raise
     result = _result(output)
 
     assert result["ray_client"]
