@@ -1,10 +1,10 @@
-"""A training script as users run it against a Ray cluster; tests/test_cluster_launch_modes.py runs it three ways.
+"""A training script as users run it against a Ray cluster; tests/test_cluster_launch_modes.py runs it four ways.
 
-``python cluster_driver.py [ADDRESS]``: ADDRESS goes to ``ray.init`` (``auto``, ``ray://host:port``); without it
-raylane connects by itself through ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver. The CSV logger
-and the checkpoints use relative paths, so they must appear under this process's working directory. Prints one line
-``RAYLANE_RESULT {json}`` with what the driver ended up with, including a second fit and a predict fed by Ray Data
-(``from_ray``) on the same warm workers.
+``python cluster_driver.py [ADDRESS] [--fit-only]``: ADDRESS goes to ``ray.init`` (``auto``, ``ray://host:port``);
+without it raylane connects by itself through ``RAY_ADDRESS``, which ``ray job submit`` sets for the job's driver.
+The CSV logger and the checkpoints use relative paths, so they must appear under this process's working directory.
+Prints one line ``RAYLANE_RESULT {json}`` with what the driver ended up with, including (unless ``--fit-only``) a
+second fit and a predict fed by Ray Data (``from_ray``) on the same warm workers.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from raylane.testing import ClassifierModel, make_loader
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset
 
 RESULT_PREFIX = "RAYLANE_RESULT "
+FIT_ONLY = "--fit-only"
 
 
 def train(model_class: type[ClassifierModel] = ClassifierModel) -> dict[str, Any]:
@@ -75,12 +76,17 @@ def train_on_ray_data() -> dict[str, Any]:
     }
 
 
-def report(model_class: type[ClassifierModel] = ClassifierModel) -> None:
-    result = {"cwd": os.getcwd(), **train(model_class), "ray_data": train_on_ray_data()}
+def report(model_class: type[ClassifierModel] = ClassifierModel, ray_data: bool = True) -> None:
+    result = {"cwd": os.getcwd(), **train(model_class)}
+    if ray_data:
+        result["ray_data"] = train_on_ray_data()
     print("\n" + RESULT_PREFIX + json.dumps(result), flush=True)  # on a line of its own, whatever came before
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1:
-        ray.init(address=sys.argv[1])
-    report()
+    arguments = sys.argv[1:]
+    fit_only = FIT_ONLY in arguments  # the first fit alone, for a test about connecting
+    addresses = [argument for argument in arguments if argument != FIT_ONLY]
+    if addresses:
+        ray.init(address=addresses[0])
+    report(ray_data=not fit_only)

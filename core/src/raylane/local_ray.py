@@ -28,7 +28,7 @@ from typing import Any
 
 import ray
 
-from raylane import _ray, main_script
+from raylane import _ray, main_script, ray_address
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def ensure_ray(cpus_needed: float) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray_address.connect()
         return
     _init_local(_cpus_for(cpus_needed), [])
 
