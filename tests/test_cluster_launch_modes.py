@@ -132,7 +132,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
     env[LOSE_CLIENT_SERVERS] = str(cwd / "lose_client_servers")
     # How long the head's Ray Client proxy waits for a client's server to answer before it fails that client's
-    # ray.init (30 s by default; a server answers within a second here). A lost server costs the client this twice.
+    # ray.init (30 s by default; a server answers within a second here). A lost server costs its client this wait.
     env["RAY_CLIENT_SERVER_CHECK_CHANNEL_TIMEOUT_S"] = "10"
     ray_cli = Path(sys.executable).with_name("ray")
     command = [str(ray_cli), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "4"]
