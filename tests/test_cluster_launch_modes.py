@@ -301,10 +301,16 @@ def test_the_next_script_trains_on_the_warm_workers_the_last_one_left(head: Head
     refilled = _pool_waiting(head, tmp_path, 2)["waiting"]
     assert not set(refilled) & set(left), "a claimed worker serves one driver only; the second left fresh ones"
 
+    # A script that ends with its own ray.shutdown(), its workers still warm, leaves the pool too.
+    shut, _ = _pool_script(head, tmp_path, "fit-then-shutdown")
+    assert shut["pooled"] == [True, True] and shut["weights"] == first["weights"]
+    refilled_at_shutdown = _pool_waiting(head, tmp_path, 2)["waiting"]
+    assert not set(refilled_at_shutdown) & set(refilled), "ray.shutdown() left fresh pool workers"
+
     off, _ = _pool_script(head, tmp_path, "fit", RAYLANE_WARM_POOL="0")
     assert off["pooled"] == [False, False] and off["weights"] == first["weights"]
     unchanged = _pool_waiting(head, tmp_path, 2)["waiting"]
-    assert unchanged == refilled, "with the pool off, a script takes none and leaves none"
+    assert unchanged == refilled_at_shutdown, "with the pool off, a script takes none and leaves none"
 
 
 @pytest.mark.timeout(420)

@@ -1,7 +1,8 @@
 """Scripts run one after another against one ``ray start --head`` (``RAY_ADDRESS``), for the warm pool's tests.
 
 ``python warm_pool_driver.py fit`` trains 2 workers for 2 epochs and prints ``POOL_REPORT {json}``: the trained
-weights, and for each rank whether it was claimed from the pool. ``... fit-until-killed MARKER`` claims its workers,
+weights, and for each rank whether it was claimed from the pool; ``... fit-then-shutdown`` does the same, then calls
+``ray.shutdown()`` itself while its workers are still warm. ``... fit-until-killed MARKER`` claims its workers,
 writes ``MARKER`` once training runs, and trains until the test kills this driver. ``... pool WANT TIMEOUT`` waits
 until exactly ``WANT`` of this environment's pool workers wait for a claim (for 0: until none is left at all), then
 prints their pids, and how many pool workers it found at first.
@@ -87,6 +88,9 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     if sys.argv[1] == "fit":
         report = fit(WarningModel(), epochs=2)
+    elif sys.argv[1] == "fit-then-shutdown":
+        report = fit(WarningModel(), epochs=2)
+        ray.shutdown()
     elif sys.argv[1] == "fit-until-killed":
         report = fit(SlowModel(sys.argv[2]), epochs=100)
     else:

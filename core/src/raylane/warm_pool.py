@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import ray
@@ -277,18 +277,34 @@ def _waiting_counts(nodes: Mapping[str, int]) -> Counter[str]:
     return counts
 
 
-# The groups that may leave workers in the pool, shut down at exit before Ray's own exit hook disconnects the driver
-# (registered after ray.init, so it runs first): a driver's idle workers are otherwise only killed with its job.
+# The groups that may leave workers in the pool, shut down before the driver disconnects: at exit, before Ray's own
+# exit hook (registered after ray.init, so it runs first), and when the script calls ray.shutdown() itself. A driver's
+# idle workers are otherwise only killed with its job, and leave nothing behind.
 _live_groups: weakref.WeakSet[WorkerGroup] = weakref.WeakSet()
-_exit_hook_registered = False
+_hooks_installed = False
 
 
 def shut_down_at_exit(group: WorkerGroup) -> None:
-    global _exit_hook_registered
+    """Shut ``group`` down (leaving its pool workers) before this driver leaves Ray: at exit, or at ``ray.shutdown()``
+    called by the script."""
+    global _hooks_installed
     _live_groups.add(group)
-    if not _exit_hook_registered:
-        _exit_hook_registered = True
+    if not _hooks_installed:
+        _hooks_installed = True
         atexit.register(_shut_down_live_groups)
+        ray.shutdown = _groups_first(ray.shutdown)
+
+
+def _groups_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
+    """``ray.shutdown``, first shutting down the groups that leave pool workers, while the driver can still start
+    them: Ray 2.60 has no hook that runs before it disconnects."""
+
+    @functools.wraps(shutdown)
+    def shutdown_after_raylane_groups(*args: Any, **kwargs: Any) -> Any:
+        _shut_down_live_groups()
+        return shutdown(*args, **kwargs)
+
+    return shutdown_after_raylane_groups
 
 
 def _shut_down_live_groups() -> None:
