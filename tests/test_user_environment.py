@@ -14,7 +14,14 @@ import pytest
 import pytorch_lightning as pl
 
 from raylane import _ray, get_strategy
-from raylane.testing import ClassifierModel, ensure_local_ray, env_without_ray_address, make_loader, quiet_trainer
+from raylane.testing import (
+    ClassifierModel,
+    assert_released,
+    ensure_local_ray,
+    env_without_ray_address,
+    make_loader,
+    quiet_trainer,
+)
 from tests.conftest import read_reports
 
 upload_local_code = _ray.upload_local_code  # the real one, which the runtime_env test counts calls of
@@ -170,3 +177,56 @@ def test_runtime_env_ships_code_the_driver_does_not_have_to_the_workers(
     training_pids = sorted(report["pid"] for report in read_reports(report_dir))
     assert sorted(int(path.name.removeprefix("imported-")) for path in marks.iterdir()) == training_pids
     assert uploads == [runtime_env], "one upload for the group of 2 workers"
+
+
+VERSIONED_MODULE = """
+import os
+from pathlib import Path
+
+VERSION = {version}
+(Path(os.environ["SHIPPED_MARKS"]) / f"version-{{VERSION}}-{{os.getpid()}}").touch()
+"""
+
+
+@pytest.mark.timeout(240)
+def test_idle_workers_are_not_reused_once_the_shipped_working_dir_changed(tmp_path: Path) -> None:
+    """On a cluster the workers import the runtime_env's uploaded copy of the project, which never changes under them:
+    a later Trainer with the same runtime_env, after an edit, must run the edited project on fresh workers, and the
+    unchanged one on the idle workers."""
+    ensure_local_ray()
+    name = "raylane_shipped_versioned"
+    shipped, marks = tmp_path / "project", tmp_path / "marks"
+    (shipped / name).mkdir(parents=True)
+    marks.mkdir()
+    source = shipped / name / "__init__.py"
+    source.write_text(VERSIONED_MODULE.format(version=1))
+
+    def fit_pids(run: str) -> list[int]:
+        strategy = get_strategy(
+            "ddp",
+            workers=2,
+            runtime_env={"working_dir": str(shipped)},
+            env={"SHIPPED_MARKS": str(marks)},
+            init_hook=functools.partial(importlib.import_module, name),  # imported from the shipped copy
+            idle_timeout=120,
+        )
+        (tmp_path / run).mkdir()
+        trainer = _quiet_trainer(strategy)
+        trainer.fit(ClassifierModel(report_dir=str(tmp_path / run)), make_loader(8))
+        trainers.append(trainer)
+        return sorted(report["pid"] for report in read_reports(tmp_path / run))
+
+    def imported() -> set[str]:
+        return {path.name for path in marks.iterdir()}
+
+    trainers: list[pl.Trainer] = []
+    first = fit_pids("first")
+    assert imported() == {f"version-1-{pid}" for pid in first}
+    assert fit_pids("unchanged") == first, "the project did not change: the idle workers train the next Trainer"
+
+    source.write_text(VERSIONED_MODULE.format(version=22))
+    edited = fit_pids("edited")
+    assert not set(edited) & set(first), "fresh workers"
+    assert imported() - {f"version-1-{pid}" for pid in first} == {f"version-22-{pid}" for pid in edited}
+    trainers[-1].strategy.release_workers()  # type: ignore[attr-defined]
+    assert_released()

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -42,6 +44,43 @@ class ReportsProcessState(ClassifierModel):
         super().on_train_start()
         path = Path(self.hparams.report_dir) / f"state-rank{self.global_rank}.txt"
         path.write_text(f"{os.environ.get('RAYLANE_TEST_LEFTOVER')}|{torch.get_num_threads()}")
+
+
+EDITED_MODULE = "raylane_test_edited_model"
+EDITED_HELPER = "raylane_test_edited_helper"
+EDITED_SOURCE = """
+import re
+from pathlib import Path
+
+from raylane.testing import ClassifierModel
+
+VERSION = 1
+
+
+class EditedModel(ClassifierModel):
+    \"\"\"Logs this file's version and a helper's (imported as it runs); rank 0 edits this file mid-fit if asked.\"\"\"
+
+    def __init__(self, edit_to=None, **kwargs):
+        super().__init__(**kwargs)
+        self.edit_to = edit_to
+
+    def training_step(self, batch, batch_idx):
+        if self.edit_to is not None and self.global_rank == 0 and batch_idx == 0:
+            source = Path(__file__)
+            source.write_text(re.sub(r"^VERSION = .*$", f"VERSION = {self.edit_to}", source.read_text(), flags=re.M))
+        self._log_versions()
+        return super().training_step(batch, batch_idx)
+
+    def test_step(self, batch, batch_idx):
+        self._log_versions()
+        super().test_step(batch, batch_idx)
+
+    def _log_versions(self):
+        from raylane_test_edited_helper import VERSION as HELPER_VERSION
+
+        self.log("code_version", float(VERSION))
+        self.log("helper_version", float(HELPER_VERSION))
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +132,46 @@ def test_what_an_earlier_run_changed_in_the_process_does_not_reach_the_next(tmp_
     second.strategy.release_workers()  # type: ignore[attr-defined]
     assert_released()
     del first
+
+
+def test_workers_that_imported_code_edited_since_are_not_reused(tmp_path: Path, monkeypatch: Any) -> None:
+    """A notebook's loop: train, edit the model's files (maybe while it trains), reload them, run again. The idle
+    workers run the old files; a later Trainer, and a Trainer's next entry point, must run the new ones, as fresh
+    workers would. Each edit changes the file's size, as real edits do."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model_file, helper_file = tmp_path / f"{EDITED_MODULE}.py", tmp_path / f"{EDITED_HELPER}.py"
+    model_file.write_text(EDITED_SOURCE)
+    helper_file.write_text("VERSION = 1\n")
+
+    def reloaded() -> Any:
+        importlib.invalidate_caches()
+        loaded = sys.modules.get(EDITED_MODULE)
+        return importlib.reload(loaded) if loaded is not None else importlib.import_module(EDITED_MODULE)
+
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+        # Rank 0 edits the model's file while the first fit runs: what the workers imported is still the old one.
+        first, first_pids = fit_pids(reloaded().EditedModel(edit_to=22, report_dir=str(tmp_path / "a")), tmp_path / "a")
+        assert float(first.callback_metrics["code_version"]) == 1
+
+        model = reloaded().EditedModel(report_dir=str(tmp_path / "b"))
+        second, second_pids = fit_pids(model, tmp_path / "b")
+        assert float(second.callback_metrics["code_version"]) == 22, "a later Trainer trains the edited file"
+        assert not set(second_pids) & set(first_pids), "on fresh workers"
+
+        # A module the run imported on its way (not named by the model), edited before the same Trainer's next entry
+        # point.
+        helper_file.write_text("VERSION = 333\n")
+        (tested,) = second.test(model, make_loader(8))
+        assert tested["helper_version"] == 333, "the Trainer's next entry point runs the edited helper"
+        assert not {report["pid"] for report in read_reports(tmp_path / "b", "test")} & set(second_pids)
+        second.strategy.release_workers()  # type: ignore[attr-defined]
+        assert_released()
+        del first
+    finally:
+        for name in (EDITED_MODULE, EDITED_HELPER):
+            sys.modules.pop(name, None)
 
 
 @pytest.mark.parametrize(

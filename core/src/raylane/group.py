@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 import ray
+from lightning_utilities.core.rank_zero import rank_zero_info
 from ray.exceptions import RayActorError, RayTaskError
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -56,6 +57,7 @@ class WorkerGroup:
         self.contexts: list[WorkerContext] = []
         self._rendezvous_used = False  # whether a run has used the store the contexts point to
         self.pooled = 0  # how many of the actors came from the warm pool (raylane.warm_pool)
+        self._uploaded_env: dict[str, Any] | None = None  # the runtime_env the actors started with, folders uploaded
         self.marks: dict[str, float] = {}  # driver-side wall-clock marks of start() and run(), for benchmarks
 
     def __enter__(self) -> WorkerGroup:
@@ -111,7 +113,8 @@ class WorkerGroup:
         whole group (zipping and hashing a project folder per worker would grow start-up with the worker count)."""
         if self.options.runtime_env is None:
             return self.options
-        return replace(self.options, runtime_env=_ray.upload_local_code(self.options.runtime_env))
+        self._uploaded_env = _ray.upload_local_code(self.options.runtime_env)
+        return replace(self.options, runtime_env=self._uploaded_env)
 
     def _refresh_contexts(self) -> None:
         # A fresh store for every run: nothing of the previous rendezvous can leak into this one.
@@ -127,15 +130,29 @@ class WorkerGroup:
         self.host, self.options, self.backend_options = host, options, dict(backend_options)
         self._refresh_contexts()
 
-    def is_alive(self) -> bool:
-        """Whether every actor still answers (a warm group is only reused when it does)."""
+    def is_reusable(self) -> bool:
+        """Whether every actor still answers and runs the code fresh ones would: no module it imported changed since
+        (:mod:`raylane.imported_code`), and the ``runtime_env``'s local folders upload as they did for it."""
         if not self.actors:
             return False
         try:
-            ray.get([actor.pid.remote() for actor in self.actors], timeout=10)
+            changed = ray.get([actor.changed_code.remote() for actor in self.actors], timeout=10)
         except Exception:  # dead actor, lost node or timeout: start a fresh group instead
             return False
-        return True
+        files = sorted({path for paths in changed for path in paths})
+        if self._uploaded_folders_changed():
+            files.append("the runtime_env's local folders")
+        if files:
+            named = ", ".join(files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+            rank_zero_info(f"raylane: fresh workers: the idle ones run code that changed since ({named})")
+        return not files
+
+    def _uploaded_folders_changed(self) -> bool:
+        """Whether the ``runtime_env``'s ``working_dir`` or ``py_modules`` now upload as other contents than the actors
+        run (Ray names an upload by a hash of its contents; workers on other nodes import from that copy)."""
+        if self._uploaded_env is None or self.options.runtime_env is None:
+            return False
+        return _ray.upload_local_code(self.options.runtime_env) != self._uploaded_env
 
     def _contexts(self, placements: Sequence[Any], master_port: int) -> list[WorkerContext]:
         ranks = assign_ranks(placements)

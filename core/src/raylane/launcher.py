@@ -221,7 +221,7 @@ class RayLauncher:
 
     def _warm_group(self, host: BackendHost) -> WorkerGroup:
         options = self._options()
-        if self._group is not None and self._group.options.workers == options.workers and self._group.is_alive():
+        if self._group is not None and self._group.options.workers == options.workers and self._group.is_reusable():
             self.last_world_size = options.workers
             return self._group
         early = self._claim_early_workers(host.backend, options)
@@ -341,7 +341,7 @@ class RayLauncher:
             self._group, self._finalizer, self._idle_watch = None, None, None
         # Pinged after the lock: a frozen worker's ping takes seconds, and this launcher's own next entry point or
         # idle watch must not wait for it. A group that does not answer is of no use to either launcher.
-        if group.is_alive():
+        if group.is_reusable():
             return group
         group.shutdown()
         return None

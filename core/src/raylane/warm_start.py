@@ -98,7 +98,7 @@ class WarmStart:
             return None
         if self._job_id != ray.get_runtime_context().get_job_id():  # Ray was restarted: the handles are stale
             return None
-        if not group.is_alive():
+        if not group.is_reusable():
             group.shutdown()
             return None
         return group

@@ -13,6 +13,7 @@ import ray
 
 from raylane import console, elastic, relay, storage, torch_distributed
 from raylane.context import WorkerContext
+from raylane.imported_code import ImportedCode
 from raylane.payload import LaunchPayload
 from raylane.process_state import ProcessDefaults
 from raylane.registry import backend_host
@@ -33,6 +34,7 @@ class Worker:
         self._rendezvous: Any = None  # rank 0's torch.distributed store (see open_rendezvous)
         self._entry_thread: int | None = None  # the thread running the current entry point (see stack)
         self._defaults = ProcessDefaults.capture()  # what every entry point starts from (see run)
+        self._code = ImportedCode.since_now()  # what entry points import here, and whether it changed since
         # Wall-clock marks of this worker's start-up, returned with each output (see WorkerOutput.marks).
         self._marks = {"imports_done": _IMPORTED_AT, "actor_ready": time.time()}
 
@@ -89,6 +91,11 @@ class Worker:
         )
         return int(self._rendezvous.port)
 
+    def changed_code(self) -> list[str]:
+        """Source files that entry points imported here and that changed since: a worker still running their old code
+        is not reused (:mod:`raylane.imported_code`)."""
+        return self._code.changed()
+
     def drain_relay(self) -> list[tuple[str, Any]]:
         return self._outbox.drain()
 
@@ -119,6 +126,7 @@ class Worker:
         marks["payload_fetched"] = time.time()
         payload: LaunchPayload = ray.get(payload_ref[0])
         marks["payload_loaded"] = time.time()
+        self._code.record()  # the user's modules the payload names, as they were when imported
         payload.global_state.restore()
         if context.options.init_hook is not None:
             context.options.init_hook()
@@ -142,3 +150,4 @@ class Worker:
         finally:
             relay.activate(None)
             host.teardown_process_group(context)
+            self._code.record()  # what the entry point imported on the way
