@@ -293,24 +293,19 @@ def test_the_next_script_trains_on_the_warm_workers_the_last_one_left(head: Head
     assert first["pooled"] == [False, False], "the first script on this head finds no pool"
     left = _pool_waiting(head, tmp_path, 2)["waiting"]
 
-    second, output = _pool_script(head, tmp_path, "fit")
+    # The second script ends with its own ray.shutdown(), its workers still warm; the first one simply exited.
+    second, output = _pool_script(head, tmp_path, "fit-then-shutdown")
     assert second["pooled"] == [True, True], "both ranks were claimed from the pool the first script left"
     assert second["weights"] == first["weights"], "the same results as on fresh workers"
     warning = next((line for line in output.splitlines() if warm_pool_driver.RANK_1_WARNING in line), None)
     assert warning is not None and "raylane rank 1" in warning, "rank 1's warning reached this driver, named"
     refilled = _pool_waiting(head, tmp_path, 2)["waiting"]
-    assert not set(refilled) & set(left), "a claimed worker serves one driver only; the second left fresh ones"
-
-    # A script that ends with its own ray.shutdown(), its workers still warm, leaves the pool too.
-    shut, _ = _pool_script(head, tmp_path, "fit-then-shutdown")
-    assert shut["pooled"] == [True, True] and shut["weights"] == first["weights"]
-    refilled_at_shutdown = _pool_waiting(head, tmp_path, 2)["waiting"]
-    assert not set(refilled_at_shutdown) & set(refilled), "ray.shutdown() left fresh pool workers"
+    assert not set(refilled) & set(left), "a claimed worker serves one driver only; ray.shutdown() left fresh ones"
 
     off, _ = _pool_script(head, tmp_path, "fit", RAYLANE_WARM_POOL="0")
     assert off["pooled"] == [False, False] and off["weights"] == first["weights"]
     unchanged = _pool_waiting(head, tmp_path, 2)["waiting"]
-    assert unchanged == refilled_at_shutdown, "with the pool off, a script takes none and leaves none"
+    assert unchanged == refilled, "with the pool off, a script takes none and leaves none"
 
 
 @pytest.mark.timeout(420)

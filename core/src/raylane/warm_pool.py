@@ -301,12 +301,17 @@ def _groups_first(shutdown: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(shutdown)
     def shutdown_after_raylane_groups(*args: Any, **kwargs: Any) -> Any:
-        _shut_down_live_groups()
+        if _shut_down_live_groups():
+            time.sleep(_ray.LOG_FLUSH_S)  # the workers' last log lines reach the console, as at exit
         return shutdown(*args, **kwargs)
 
     return shutdown_after_raylane_groups
 
 
-def _shut_down_live_groups() -> None:
+def _shut_down_live_groups() -> bool:
+    """Shut the live groups down; whether any still had workers."""
+    had_workers = False
     for group in list(_live_groups):
+        had_workers |= bool(group.actors)
         group.shutdown()
+    return had_workers
