@@ -37,6 +37,7 @@ class Worker:
         self._code = ImportedCode.since_now()  # what entry points import here, and whether it changed since
         # Wall-clock marks of this worker's start-up, returned with each output (see WorkerOutput.marks).
         self._marks = {"imports_done": _IMPORTED_AT, "actor_ready": time.time()}
+        self._ran_entry_point = False
 
     def __repr__(self) -> str:
         # Ray prefixes this actor's log lines with its repr: "(raylane rank 1 pid=...)".
@@ -116,7 +117,9 @@ class Worker:
         marks = {**self._marks, "run_started": time.time()}
         self._entry_thread = threading.get_ident()
         self._marks = {}  # the actor's own start-up counts once, for its first entry point
-        self._defaults.restore()  # nothing an earlier entry point (maybe another Trainer's) changed reaches this one
+        # Nothing an earlier entry point (maybe another Trainer's) changed reaches this one.
+        self._defaults.restore(after_an_entry_point=self._ran_entry_point)
+        self._ran_entry_point = True
         os.environ.update(context.env)
         for path in reversed(context.driver_sys_path):
             if path not in sys.path and os.path.isdir(path):
