@@ -36,7 +36,7 @@ from typing import Any
 import pytest
 
 from raylane import ray_address
-from raylane.testing import env_without_ray_address, free_port, printed_report
+from raylane.testing import env_without_ray_address, free_port, printed_report, python_path_running_at_startup
 from tests import warm_pool_driver
 from tests.cluster_driver import FIT_ONLY, RESULT_PREFIX
 
@@ -126,10 +126,7 @@ def head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Head]:
     env = env_without_ray_address()
     env["RAY_AUTH_MODE"] = "disabled"
     env["RAYLANE_WARM_POOL"] = "0"  # the pool's tests turn it on for their own drivers
-    site = cwd / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = python_path_running_at_startup(SITECUSTOMIZE, cwd / "site", env.get("PYTHONPATH"))
     env[LOSE_CLIENT_SERVERS] = str(cwd / "lose_client_servers")
     # How long the head's Ray Client proxy waits for a client's server to answer before it fails that client's
     # ray.init (30 s by default; a server answers within a second here). A lost server costs its client this wait.

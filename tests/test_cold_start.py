@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from raylane.testing import env_without_ray_address, printed_report
+from raylane.testing import env_without_ray_address, printed_report, python_path_running_at_startup
 
 pytestmark = pytest.mark.timeout(300)
 SCRIPT_TIMEOUT_S = 240
@@ -154,16 +154,14 @@ def run_script(
     **env: str,
 ) -> dict[str, Any]:
     (tmp_path / "probe.py").write_text(PROBE)
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    python_path = python_path_running_at_startup(SITECUSTOMIZE, tmp_path / "site")
     (tmp_path / "train.py").write_text(textwrap.dedent(script))
     reports = tmp_path / "reports"
     reports.mkdir()
     done = subprocess.run(
         [sys.executable, "train.py", str(reports), *(args or [])],
         cwd=tmp_path,
-        env=env_without_ray_address({"RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": python_path(site), **env}),
+        env=env_without_ray_address({"RAY_TMPDIR": str(ray_tmpdir), "PYTHONPATH": python_path, **env}),
         capture_output=True,
         text=True,
         timeout=SCRIPT_TIMEOUT_S,
@@ -174,10 +172,6 @@ def run_script(
     else:
         assert not (ray_tmpdir / "ray").exists(), "the script started a Ray"
     return printed_report(done.stdout)
-
-
-def python_path(first: Path) -> str:
-    return os.pathsep.join([str(first), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def processes_mentioning(text: str) -> list[str]:

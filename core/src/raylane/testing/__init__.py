@@ -4,7 +4,7 @@ from raylane.testing.conformance import BackendConformance, FailureConformance, 
 from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
 from raylane.testing.faults import signal_worker, worker_pid
 from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader
-from raylane.testing.processes import env_without_ray_address, free_port, printed_report
+from raylane.testing.processes import env_without_ray_address, free_port, printed_report, python_path_running_at_startup
 from raylane.testing.ray_state import assert_released, ensure_local_ray
 from raylane.testing.trainers import QUIET, quiet_trainer
 
@@ -25,6 +25,7 @@ __all__ = [
     "make_dataset",
     "make_loader",
     "printed_report",
+    "python_path_running_at_startup",
     "quiet_trainer",
     "signal_worker",
     "validation_loader",

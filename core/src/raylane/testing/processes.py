@@ -1,5 +1,5 @@
-"""Helpers for tests that start processes of their own: a free TCP port, a driver's environment, and the report a
-script prints.
+"""Helpers for tests that start processes of their own: a free TCP port, a driver's environment, code every Python
+process of a test runs at start-up, and the report a script prints.
 
 A test that runs a driver script in a subprocess must not hand it the ``RAY_ADDRESS`` of the test process's Ray (or of
 the shell it ran in): the script would join that cluster instead of starting the local Ray a user's script gets.
@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 
@@ -27,6 +28,16 @@ def env_without_ray_address(extra: Mapping[str, str] | None = None) -> dict[str,
     env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
     env.update(extra or {})
     return env
+
+
+def python_path_running_at_startup(code: str, folder: Path, python_path: str | None = None) -> str:
+    """A ``PYTHONPATH`` with which every Python process (a script, a Ray head and all the processes it starts) runs
+    ``code`` as it starts: written to ``folder/sitecustomize.py``, ``folder`` put first on ``python_path`` (default:
+    this process's ``PYTHONPATH``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(code)
+    rest = os.environ.get("PYTHONPATH") if python_path is None else python_path
+    return os.pathsep.join([str(folder), *filter(None, [rest])])
 
 
 def printed_report(output: str, prefix: str = "REPORT ") -> dict[str, Any]:
