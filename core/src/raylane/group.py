@@ -105,7 +105,7 @@ class WorkerGroup:
         assert self.reservation is not None
         if not warm_pool.serves(self.options, self.host.worker_actor_options(self.options, 0)):
             return {}
-        warm_pool.shut_down_at_exit(self)
+        warm_pool.shut_down_before_leaving_ray(self)
         return warm_pool.claim(self.reservation, self.options, _driver_sys_path())
 
     def _with_uploaded_code(self) -> LaunchOptions:

@@ -284,7 +284,7 @@ _live_groups: weakref.WeakSet[WorkerGroup] = weakref.WeakSet()
 _hooks_installed = False
 
 
-def shut_down_at_exit(group: WorkerGroup) -> None:
+def shut_down_before_leaving_ray(group: WorkerGroup) -> None:
     """Shut ``group`` down (leaving its pool workers) before this driver leaves Ray: at exit, or at ``ray.shutdown()``
     called by the script."""
     global _hooks_installed
