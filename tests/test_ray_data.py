@@ -17,7 +17,7 @@ import ray
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from raylane import ConfigurationError, WorkerError, get_strategy
+from raylane import ConfigurationError, WorkerError, get_strategy, release_idle_workers
 from raylane.data import from_ray
 from raylane.testing import assert_released, ensure_local_ray
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
@@ -30,7 +30,8 @@ pytestmark = pytest.mark.timeout(600)
 def _ray() -> Iterator[None]:
     ensure_local_ray()
     yield
-    gc.collect()  # Trainers nothing references release their warm workers
+    gc.collect()  # Trainers nothing references leave their idle workers to the next Trainer...
+    release_idle_workers()  # ...but each test here starts fresh
 
 
 def _trainer(root: Path, workers: int = 2, strategy: Any = None, **flags: Any) -> pl.Trainer:

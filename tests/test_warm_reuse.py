@@ -19,11 +19,13 @@ from typing import Any
 
 import pytest
 import pytorch_lightning as pl
+import ray
 import torch
 
-from raylane import get_strategy
+from raylane import get_strategy, release_idle_workers
 from raylane.testing import QUIET, ClassifierModel, assert_released, ensure_local_ray, make_loader, validation_loader
 from raylane.testing.equivalence import weights_of
+from raylane.testing.ray_state import live_raylane_actors
 from tests.conftest import read_reports
 
 pytestmark = pytest.mark.timeout(300)
@@ -86,11 +88,12 @@ class EditedModel(ClassifierModel):
 @pytest.fixture(autouse=True)
 def _ray() -> None:
     ensure_local_ray()
-    gc.collect()  # earlier tests' Trainers release their warm workers
+    gc.collect()  # earlier tests' Trainers leave their idle workers to the next Trainer...
+    release_idle_workers()  # ...which would make every test here start on warm ones
 
 
 def trainer(root: Path, **options: Any) -> pl.Trainer:
-    strategy = get_strategy("ddp", workers=2, idle_timeout=120, **options)
+    strategy = get_strategy("ddp", **{"workers": 2, "idle_timeout": 120, **options})
     return pl.Trainer(strategy=strategy, max_epochs=1, default_root_dir=str(root), **QUIET)
 
 
@@ -117,6 +120,39 @@ def test_a_later_trainer_runs_on_the_idle_workers_with_the_results_of_fresh_ones
     second.strategy.release_workers()  # type: ignore[attr-defined]
     assert_released()  # with the first Trainer still alive: it gave its workers up
     del first
+
+
+def fit_in_a_function(model: ClassifierModel, root: Path, **options: Any) -> list[int]:
+    """A loop over settings that builds each Trainer in a function: the Trainer is dropped when it returns."""
+    return fit_pids(model, root, **options)[1]
+
+
+def test_a_trainer_the_collector_freed_leaves_its_idle_workers_to_the_next_one(tmp_path: Path) -> None:
+    """Python frees a dropped Trainer when its collector runs (Lightning's objects form cycles): maybe before the next
+    Trainer starts, maybe after. Either way the next Trainer trains on its idle workers."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first_pids = fit_in_a_function(ClassifierModel(report_dir=str(tmp_path / "a")), tmp_path / "a")
+    gc.collect()  # the first Trainer is freed before the next one is built
+    assert len(live_raylane_actors()) == 2, "its idle workers wait for the next Trainer"
+    second, second_pids = fit_pids(ClassifierModel(report_dir=str(tmp_path / "b")), tmp_path / "b")
+    assert second_pids == first_pids, "the next Trainer trains on them"
+    release_idle_workers()  # the second Trainer's, alive and idle
+    assert_released()
+    del second
+
+
+def test_a_dropped_trainers_idle_workers_leave_after_their_idle_timeout_and_for_waiting_work(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    fit_in_a_function(ClassifierModel(report_dir=str(tmp_path / "a")), tmp_path / "a", idle_timeout=3)
+    gc.collect()
+    assert_released(timeout_s=30)  # the rest of its 3 s
+    fit_in_a_function(ClassifierModel(report_dir=str(tmp_path / "b")), tmp_path / "b", idle_timeout=600)
+    gc.collect()
+    everything = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(lambda: "ran")
+    assert ray.get(everything.remote(), timeout=60) == "ran", "the kept workers gave their CPUs back"
+    assert_released()
 
 
 def test_what_an_earlier_run_changed_in_the_process_does_not_reach_the_next(tmp_path: Path) -> None:

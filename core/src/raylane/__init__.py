@@ -5,7 +5,7 @@ the trained weights, metrics and checkpoints back to this process.
 """
 
 from raylane import _lightning
-from raylane.api import get_strategy, register_with_lightning
+from raylane.api import get_strategy, register_with_lightning, release_idle_workers
 from raylane.context import WorkerContext
 from raylane.errors import (
     BackendConflictError,
@@ -39,6 +39,7 @@ __all__ = [
     "get_strategy",
     "hookimpl",
     "list_backends",
+    "release_idle_workers",
     "start_ray_in_background",
 ]
 

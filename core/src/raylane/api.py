@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,15 @@ def get_strategy(name: str, *, lightning: ModuleType | str | None = None, **opti
     the module); by default, the one this process imported.
     """
     return strategy_class(name, lightning)(**options)
+
+
+def release_idle_workers() -> None:
+    """Stop every idle warm worker this driver keeps, now: those of its Trainers, and those Trainers it dropped left
+    for its next one. They leave by themselves after ``idle_timeout``, and at once when other work waits for what they
+    hold; this is for a driver that wants their memory back, or fresh workers for its next Trainer."""
+    launcher = sys.modules.get("raylane.launcher")  # not imported: no Trainer of this process ever ran
+    if launcher is not None:
+        launcher.release_idle_workers("raylane.release_idle_workers()")
 
 
 def strategy_class(name: str, lightning: ModuleType | str | None = None) -> type[Strategy]:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from lightning_utilities.core.rank_zero import rank_zero_info
 
-from raylane import _lightning, _ray, console, elastic, local_ray, relay, shards, storage
+from raylane import _lightning, _ray, console, dropped_trainers, elastic, local_ray, relay, shards, storage
 from raylane.errors import ConfigurationError, ResourceError, WorkerError
 from raylane.group import WorkerGroup
 from raylane.idle import IdleWatch
@@ -43,8 +43,9 @@ class RayLauncher:
 
     The actors start with the first entry point and stay warm for the next ones (fit -> validate -> test -> predict
     pay start-up once). They are released when an entry point fails, after ``idle_timeout`` seconds without a next
-    entry point, as soon as other work waits for the resources they hold (raylane.idle), when the strategy (with its
-    Trainer) is garbage collected, or by ``strategy.release_workers()``.
+    entry point, as soon as other work waits for the resources they hold (raylane.idle), or by
+    ``strategy.release_workers()``. Once the Trainer is dropped, they wait under the same rules for this driver's next
+    Trainer (raylane.dropped_trainers).
     """
 
     def __init__(self, strategy: RayStrategyMixin) -> None:
@@ -55,6 +56,8 @@ class RayLauncher:
         self._lock = threading.Lock()  # the idle watch's thread and the Trainer's thread both release
         self._busy = False
         self._idle_watch: IdleWatch | None = None
+        # What its idle workers have left of their idle time, should this launcher be dropped (raylane.dropped_trainers)
+        self._idleness = dropped_trainers.Idleness()
         self.last_checkpoint: str | None = None  # newest checkpoint rank 0 saved, where a restart resumes from
         self.last_world_size: int | None = None  # the worker count of the latest run (elastic runs change it)
         self._run_options: LaunchOptions | None = None  # the strategy's options sized for the current attempt
@@ -176,6 +179,7 @@ class RayLauncher:
         marks["payload_stored"] = time.time()
         with self._lock:
             self._busy = True
+            self._idleness.stop()
             if self._idle_watch is not None:
                 self._idle_watch.cancel()
         try:
@@ -229,8 +233,10 @@ class RayLauncher:
         others = [launcher for launcher in list(_LAUNCHERS) if launcher is not self]
         # The workers started when the Trainer was built; else a later Trainer of this driver trains on an earlier
         # one's idle workers when they look the same.
-        group = early or next(
-            (g for g in (other._hand_over_if_idle(host.backend, options) for other in others) if g), None
+        group = (
+            early
+            or next((g for g in (other._hand_over_if_idle(host.backend, options) for other in others) if g), None)
+            or dropped_trainers.take(host.backend, options)
         )
         if group is not None:
             group.serve(host, options, self._strategy.backend_options)
@@ -238,9 +244,10 @@ class RayLauncher:
             # Warm workers never block new work: idle groups of this driver's other Trainers make room first.
             for launcher in others:
                 launcher._release_if_idle("another Trainer of this driver starts workers")
+            dropped_trainers.release_all("another Trainer of this driver starts workers")
             group = WorkerGroup(host, options, self._strategy.backend_options)
         self._group = group
-        self._finalizer = weakref.finalize(self, group.shutdown)
+        self._finalizer = weakref.finalize(self, dropped_trainers.keep_or_stop, group, self._idleness)
         started = bool(group.actors)
         if not started:
             group.start()
@@ -262,6 +269,8 @@ class RayLauncher:
 
     def _early_workers(self, options: LaunchOptions) -> WarmStart | None:
         host = backend_host(self._strategy.backend_name)
+        if dropped_trainers.has_like(host.backend, options):
+            return None  # a dropped Trainer's idle workers serve this one's first entry point (see _warm_group)
         for other in [launcher for launcher in list(_LAUNCHERS) if launcher is not self]:
             # Idle workers of an earlier Trainer, or the early workers of one not yet run (a re-run notebook cell's),
             # serve this one's first entry point (see _warm_group).
@@ -365,8 +374,11 @@ class RayLauncher:
             self._warm_finalizer()  # runs the early start's release once
         self._warm_start, self._warm_finalizer = None, None
         if self._finalizer is not None:
-            self._finalizer()  # runs group.shutdown once
+            self._finalizer.detach()  # released now, not kept for a later Trainer
+        if self._group is not None:
+            self._group.shutdown()
         self._group, self._finalizer, self._idle_watch = None, None, None
+        self._idleness.stop()
 
     def _watch_idle_workers(self) -> None:
         timeout = self._strategy.launch_options.idle_timeout
@@ -381,6 +393,7 @@ class RayLauncher:
         watch = IdleWatch(lambda reason: _release_if_idle(launcher, reason), timeout, held)
         with self._lock:
             self._idle_watch = watch
+            self._idleness.start(timeout, held, watch)
         watch.start()
 
     def _watch_for_room(self, group: WorkerGroup, trainer: pl.Trainer) -> elastic.GrowWatch | None:
@@ -418,6 +431,7 @@ class RayLauncher:
     def __getstate__(self) -> dict[str, Any]:
         # The launcher travels inside the pickled Trainer; actor handles and the placement group stay on the driver.
         state = {**self.__dict__, "_group": None, "_finalizer": None, "_idle_watch": None, "_busy": False}
+        state["_idleness"] = dropped_trainers.Idleness()
         state.update(_warm_start=None, _warm_finalizer=None)
         del state["_lock"]
         return state
@@ -425,6 +439,14 @@ class RayLauncher:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
         _LAUNCHERS.add(self)
+
+
+def release_idle_workers(reason: str) -> None:
+    """Stop every idle warm worker of this driver now: its Trainers' and those dropped Trainers left (a worker running
+    an entry point is not idle and stays)."""
+    for launcher in list(_LAUNCHERS):
+        launcher._release_if_idle(reason)
+    dropped_trainers.release_all(reason)
 
 
 def _release_if_idle(launcher_ref: weakref.ref[RayLauncher], reason: str) -> None:

@@ -30,7 +30,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from ray.util.placement_group import placement_group, remove_placement_group
 from torch.utils.data import DataLoader
 
-from raylane import ConfigurationError, ResourceError, SerializationError, WorkerError, get_strategy
+from raylane import (
+    ConfigurationError,
+    ResourceError,
+    SerializationError,
+    WorkerError,
+    get_strategy,
+    release_idle_workers,
+)
 from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
 from raylane.testing.faults import signal_worker
 from raylane.testing.models import ClassifierModel, make_dataset, make_loader
@@ -59,7 +66,8 @@ class ConformanceBase:
     def _ray(self) -> Iterator[None]:
         ensure_local_ray()
         yield
-        gc.collect()  # Trainers nothing references release their warm workers (the next run would release them too)
+        gc.collect()  # Trainers nothing references leave their idle workers to the next Trainer...
+        release_idle_workers()  # ...so each test would start on the last one's: every test starts fresh instead
 
     def strategy(self, **options: Any) -> pl.strategies.Strategy:
         return get_strategy(self.backend, **{"workers": self.workers, **self.backend_options, **options})
@@ -416,8 +424,7 @@ class FailureConformance(ConformanceBase):
         assert_same_weights(
             interrupted.state_dict(), uninterrupted.state_dict(), atol=self.weight_tolerance, what="restarted fit"
         )
-        del trainer
-        gc.collect()
+        release_idle_workers()  # both Trainers' (the second is dropped already): nothing else may be left
         assert_released()
 
 

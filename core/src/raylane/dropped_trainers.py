@@ -1,0 +1,128 @@
+"""The idle workers of Trainers this driver dropped, kept for its next Trainer under the rules idle workers live by.
+
+A Trainer built inside a function (``def train(lr): trainer = pl.Trainer(...); trainer.fit(...)``) is dropped when
+the function returns, and Python frees it when its garbage collector next runs (Lightning's objects form cycles): before
+the next Trainer is built, or while it starts, or later. Were its workers stopped then, a loop over settings would pay
+the workers' whole start-up on some turns and not on others. They wait here instead, so the next Trainer whose workers
+would look the same trains on them whatever the collector did. They leave as a live Trainer's idle workers do: after the
+rest of their ``idle_timeout``, at once when other work waits for what they hold (:mod:`raylane.idle`), when this driver
+starts other workers, at exit, or by :func:`raylane.release_idle_workers`.
+
+Workers inside a placement group someone else owns (a Tune trial's) are stopped when their Trainer is dropped: the
+bundles they hold belong to that group's next user.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from raylane import local_ray
+from raylane.group import WorkerGroup
+from raylane.idle import IdleWatch, Resources
+from raylane.options import LaunchOptions
+
+log = logging.getLogger(__name__)
+
+# Reentrant: a launcher's finalizer may run inside any allocation, this module's own included.
+_lock = threading.RLock()
+_kept: list[tuple[WorkerGroup, IdleWatch]] = []
+_exiting = False
+
+
+@dataclass
+class Idleness:
+    """How long a launcher's workers may still wait for an entry point: kept up to date by the launcher, read by
+    :func:`keep_or_stop` once the launcher is dropped (a finalizer may not hold the launcher itself)."""
+
+    until: float | None = None  # a time.monotonic() deadline; None while an entry point runs
+    held: Mapping[str, Resources] = field(default_factory=dict)  # node id -> what the workers hold there
+    watch: IdleWatch | None = None  # the launcher's own watch, which cannot release them once it is dropped
+
+    def start(self, timeout_s: float, held: Mapping[str, Resources], watch: IdleWatch) -> None:
+        self.until, self.held, self.watch = time.monotonic() + timeout_s, held, watch
+
+    def stop(self) -> None:
+        self.until, self.watch = None, None
+
+
+def keep_or_stop(group: WorkerGroup, idleness: Idleness) -> None:
+    """A dropped launcher's workers: kept for this driver's next Trainer while their idle time lasts, else stopped."""
+    if idleness.watch is not None:
+        idleness.watch.cancel()
+    remaining = 0.0 if idleness.until is None else idleness.until - time.monotonic()
+    reservation = group.reservation
+    with _lock:
+        keep = not _exiting and bool(group.actors) and remaining > 0 and reservation is not None and reservation.owned
+        if keep:
+            watch = IdleWatch(lambda reason: _release(group, reason), remaining, idleness.held)
+            _kept.append((group, watch))
+    if not keep:
+        group.shutdown()
+        return
+    watch.start()
+
+
+def has_like(backend: str, options: LaunchOptions) -> bool:
+    """Whether a dropped Trainer's idle workers would serve a Trainer of ``backend`` with ``options``."""
+    with _lock:
+        return any(_serves(group, backend, options) for group, _ in _kept)
+
+
+def take(backend: str, options: LaunchOptions) -> WorkerGroup | None:
+    """A dropped Trainer's idle workers for a Trainer whose workers would look the same and that still answer and
+    run today's code (:meth:`WorkerGroup.is_reusable`); None when there are none."""
+    while True:
+        with _lock:
+            entry = next(((g, w) for g, w in _kept if _serves(g, backend, options)), None)
+            if entry is None:
+                return None
+            _kept.remove(entry)
+        group, watch = entry
+        watch.cancel()
+        if group.is_reusable():  # pinged outside the lock: a frozen worker's ping takes seconds
+            return group
+        group.shutdown()
+
+
+def release_all(reason: str) -> None:
+    """Stop every dropped Trainer's idle workers now."""
+    with _lock:
+        entries = list(_kept)
+        _kept.clear()
+    if entries:
+        log.info("raylane: releasing the idle warm workers of dropped Trainers: %s.", reason)
+    for group, watch in entries:
+        watch.cancel()
+        group.shutdown()
+
+
+def _serves(group: WorkerGroup, backend: str, options: LaunchOptions) -> bool:
+    return group.host.backend == backend and group.options.same_workers(options)
+
+
+def _release(group: WorkerGroup, reason: str) -> None:
+    with _lock:
+        entry = next((e for e in _kept if e[0] is group), None)
+        if entry is None:  # taken by a Trainer meanwhile
+            return
+        _kept.remove(entry)
+    log.info("raylane: releasing the idle warm workers of a dropped Trainer: %s.", reason)
+    group.shutdown()
+
+
+def _stop_all_at_exit() -> None:
+    """From now on nothing is kept: the driver exits. Whether the launchers' finalizers run before this or after
+    (both are exit hooks), every kept worker is stopped."""
+    global _exiting
+    with _lock:
+        _exiting = True
+    release_all("the driver exits")
+
+
+atexit.register(_stop_all_at_exit)
+local_ray.before_stopping_ray(_stop_all_at_exit)  # before raylane stops the Ray it started
