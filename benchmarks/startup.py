@@ -1,6 +1,7 @@
 """Where ``trainer.fit()`` spends its time before every worker's first optimizer step, against Lightning's
 ``ddp_spawn`` and Ray Train, what a ``test()`` after ``fit()`` adds when the workers stay warm, what the fit of a
-later Trainer of the same driver costs (it trains on the earlier Trainer's idle workers), and what ``fit()`` costs when
+later Trainer of the same driver costs (it trains on the earlier Trainer's idle workers, whether the earlier one is
+still alive or was dropped and collected), and what ``fit()`` costs when
 the script spent long enough between building the Trainer and calling ``fit()`` (loading its data) for the workers
 raylane starts at the Trainer's construction to be up.
 
@@ -13,6 +14,7 @@ the figure. See README.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import shutil
 import sys
@@ -30,8 +32,11 @@ from compare_ddp_report import RunResult, describe_machine, load_average, machin
 from compare_ddp_timer import TEST_LOOP_S, measured
 from compare_ddp_workload import PROCESSES, Workload
 
+import raylane
+
 WARM_IDLE_TIMEOUT_S = 60.0
 LATER_TRAINER = "raylane_later_trainer"  # a second Trainer's fit, right after a first one's, on its idle workers
+AFTER_A_DROPPED_TRAINER = "raylane_after_dropped"  # the same once the first Trainer was dropped and collected
 BUILT_EARLY = "raylane_built_early"  # fit() once the workers started at the Trainer's construction are up
 # (label, configuration, figure, goal: the most it may take as a multiple of ddp_spawn's), from issue 16
 GOALS = (
@@ -74,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     workload = Workload(samples=args.samples, epochs=1, batch_size=256, hidden=args.hidden)
-    configs = ["ddp_spawn", "raylane", BUILT_EARLY, LATER_TRAINER]
+    configs = ["ddp_spawn", "raylane", BUILT_EARLY, LATER_TRAINER, AFTER_A_DROPPED_TRAINER]
     if not args.without_ray_train:
         try:
             compare_ddp_ray_train.check_available()
@@ -98,8 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     phases.append(run_phases)
                 elif config == BUILT_EARLY:
                     result, _ = fit_raylane(workload, workers_up_first=True)
-                elif config == LATER_TRAINER:
-                    result = fit_a_later_trainer(workload)
+                elif config in (LATER_TRAINER, AFTER_A_DROPPED_TRAINER):
+                    result = fit_a_later_trainer(workload, drop_the_first=config == AFTER_A_DROPPED_TRAINER)
                 else:
                     result = compare_ddp_lightning.run(config, workload)
                 fits[config].append(result)
@@ -149,20 +154,22 @@ def fit_raylane(workload: Workload, workers_up_first: bool = False) -> tuple[Run
     return RunResult.from_metrics(fit_s, metrics, started_at), phases
 
 
-def fit_a_later_trainer(workload: Workload) -> RunResult:
-    """A second Trainer's fit (a re-run notebook cell) right after a first one's: it trains on the idle workers."""
-    first, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
+def fit_a_later_trainer(workload: Workload, drop_the_first: bool = False) -> RunResult:
+    """A second Trainer's fit right after a first one's, on the first one's idle workers: a re-run notebook cell (the
+    first Trainer still alive), or a loop over settings that builds each Trainer in a function (the first one dropped,
+    and collected before the second is built)."""
     try:
+        first, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
         first.fit(model, datamodule=data)
+        if drop_the_first:
+            del first
+            gc.collect()
         second, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
         started_at, start = time.time(), time.perf_counter()
-        try:
-            second.fit(model, datamodule=data)
-            fit_s = time.perf_counter() - start
-        finally:
-            compare_ddp_lightning.release_workers(second)
+        second.fit(model, datamodule=data)
+        fit_s = time.perf_counter() - start
     finally:
-        compare_ddp_lightning.release_workers(first)
+        raylane.release_idle_workers()  # both Trainers', the dropped one's included
     return RunResult.from_metrics(fit_s, measured(second.callback_metrics), started_at)
 
 
@@ -219,11 +226,13 @@ def goal_lines(configs: Mapping[str, Mapping[str, float]]) -> list[str]:
         lines.append(
             f"{label}: {ratio:.2f}x ddp_spawn (goal at most {goal:g}x: {'met' if ratio <= goal else 'not met'})"
         )
-    later = configs[LATER_TRAINER]["median_first_step_s"]
-    verdict = "met" if later < LATER_TRAINER_GOAL_S else "not met"
-    lines.append(
-        f"later Trainer, fit() to the first step: {later:.2f} s (goal under {LATER_TRAINER_GOAL_S:g} s: {verdict})"
-    )
+    for config, which in ((LATER_TRAINER, "the earlier one alive"), (AFTER_A_DROPPED_TRAINER, "the earlier dropped")):
+        later = configs[config]["median_first_step_s"]
+        verdict = "met" if later < LATER_TRAINER_GOAL_S else "not met"
+        lines.append(
+            f"later Trainer ({which}), fit() to the first step: {later:.2f} s "
+            f"(goal under {LATER_TRAINER_GOAL_S:g} s: {verdict})"
+        )
     return lines
 
 

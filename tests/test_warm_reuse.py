@@ -155,6 +155,26 @@ def test_a_dropped_trainers_idle_workers_leave_after_their_idle_timeout_and_for_
     assert_released()
 
 
+def test_a_trainer_dropped_before_its_first_entry_point_leaves_its_early_workers_to_the_next(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A notebook cell that builds the Trainer, run again before the cell that fits: the first Trainer started its
+    workers when it was built, and is freed whenever the collector runs. The next Trainer trains on those workers."""
+    monkeypatch.setenv("RAYLANE_EARLY_START", "1")  # under pytest, workers start at the first entry point otherwise
+    first = trainer(tmp_path)
+    assert first.strategy.launcher.early_workers_ready(timeout_s=120)  # type: ignore[attr-defined]
+    early = set(live_raylane_actors())
+    assert len(early) == 2
+    del first
+    gc.collect()
+    assert set(live_raylane_actors()) == early, "they wait for the next Trainer"
+    second = trainer(tmp_path)
+    second.fit(ClassifierModel(), make_loader(8), validation_loader())
+    assert set(live_raylane_actors()) == early, "the next Trainer trained on them and started none of its own"
+    release_idle_workers()
+    assert_released()
+
+
 def test_what_an_earlier_run_changed_in_the_process_does_not_reach_the_next(tmp_path: Path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

@@ -6,7 +6,9 @@ the next Trainer is built, or while it starts, or later. Were its workers stoppe
 the workers' whole start-up on some turns and not on others. They wait here instead, so the next Trainer whose workers
 would look the same trains on them whatever the collector did. They leave as a live Trainer's idle workers do: after the
 rest of their ``idle_timeout``, at once when other work waits for what they hold (:mod:`raylane.idle`), when this driver
-starts other workers, at exit, or by :func:`raylane.release_idle_workers`.
+starts other workers, at exit, or by :func:`raylane.release_idle_workers`. The same goes for the workers a Trainer
+started when it was built (:mod:`raylane.warm_start`) and dropped before its first entry point: a notebook cell that
+builds the Trainer, run again before the cell that fits.
 
 Workers inside a placement group someone else owns (a Tune trial's) are stopped when their Trainer is dropped: the
 bundles they hold belong to that group's next user.
@@ -20,17 +22,22 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from raylane import local_ray
 from raylane.group import WorkerGroup
 from raylane.idle import IdleWatch, Resources
 from raylane.options import LaunchOptions
 
+if TYPE_CHECKING:
+    from raylane.warm_start import WarmStart
+
 log = logging.getLogger(__name__)
 
 # Reentrant: a launcher's finalizer may run inside any allocation, this module's own included.
 _lock = threading.RLock()
 _kept: list[tuple[WorkerGroup, IdleWatch]] = []
+_kept_starts: list[WarmStart] = []  # each with its own idle watch, which releases it by the same rules
 _exiting = False
 
 
@@ -67,10 +74,31 @@ def keep_or_stop(group: WorkerGroup, idleness: Idleness) -> None:
     watch.start()
 
 
+def keep_early_start(start: WarmStart) -> None:
+    """A launcher dropped before its first entry point: the workers it started early wait for the next Trainer."""
+    with _lock:
+        if not _exiting:
+            _kept_starts.append(start)
+            return
+    start.release("the driver exits")
+
+
 def has_like(backend: str, options: LaunchOptions) -> bool:
     """Whether a dropped Trainer's idle workers would serve a Trainer of ``backend`` with ``options``."""
     with _lock:
-        return any(_serves(group, backend, options) for group, _ in _kept)
+        return any(_serves(group, backend, options) for group, _ in _kept) or any(
+            start.serves(backend, options) for start in _kept_starts
+        )
+
+
+def take_early_start(backend: str, options: LaunchOptions) -> WarmStart | None:
+    """The early workers of a Trainer dropped before its first entry point, for a Trainer they would serve."""
+    with _lock:
+        _kept_starts[:] = [start for start in _kept_starts if not start.is_released()]
+        start = next((start for start in _kept_starts if start.serves(backend, options)), None)
+        if start is not None:
+            _kept_starts.remove(start)
+        return start
 
 
 def take(backend: str, options: LaunchOptions) -> WorkerGroup | None:
@@ -92,13 +120,16 @@ def take(backend: str, options: LaunchOptions) -> WorkerGroup | None:
 def release_all(reason: str) -> None:
     """Stop every dropped Trainer's idle workers now."""
     with _lock:
-        entries = list(_kept)
+        entries, starts = list(_kept), list(_kept_starts)
         _kept.clear()
+        _kept_starts.clear()
     if entries:
         log.info("raylane: releasing the idle warm workers of dropped Trainers: %s.", reason)
     for group, watch in entries:
         watch.cancel()
         group.shutdown()
+    for start in starts:
+        start.release(reason)
 
 
 def _serves(group: WorkerGroup, backend: str, options: LaunchOptions) -> bool:

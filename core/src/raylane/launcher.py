@@ -291,18 +291,18 @@ class RayLauncher:
     def _take_warm_start(self, warm: WarmStart | None) -> None:
         if warm is not None:
             self._warm_start = warm
-            self._warm_finalizer = weakref.finalize(self, warm.release, "its Trainer was dropped")
+            self._warm_finalizer = weakref.finalize(self, dropped_trainers.keep_early_start, warm)
 
     def _has_warm_start_like(self, backend: str, options: LaunchOptions) -> bool:
         with self._lock:
             warm = self._warm_start
-            return warm is not None and warm.host.backend == backend and warm.options.same_workers(options)
+            return warm is not None and warm.serves(backend, options)
 
     def _give_up_warm_start(self, backend: str, options: LaunchOptions) -> WarmStart | None:
         """This launcher's unclaimed early workers, for another Trainer whose workers would look the same."""
         with self._lock:
             warm = self._warm_start
-            if warm is None or warm.host.backend != backend or not warm.options.same_workers(options):
+            if warm is None or not warm.serves(backend, options):
                 return None
             if self._warm_finalizer is not None:
                 self._warm_finalizer.detach()
@@ -317,9 +317,10 @@ class RayLauncher:
             if self._warm_finalizer is not None:
                 self._warm_finalizer.detach()
             self._warm_finalizer = None
-        if warm is None:  # another Trainer's, not yet run, that started none for this one
+        if warm is None:  # another Trainer's, not yet run (maybe dropped already), that started none for this one
             others = [launcher for launcher in list(_LAUNCHERS) if launcher is not self]
             warm = next((w for w in (other._give_up_warm_start(backend, options) for other in others) if w), None)
+            warm = warm or dropped_trainers.take_early_start(backend, options)
         group = warm.claim() if warm is not None else None
         if group is not None and (group.host.backend != backend or not group.options.same_workers(options)):
             group.shutdown()
@@ -371,7 +372,9 @@ class RayLauncher:
         if self._idle_watch is not None:
             self._idle_watch.cancel()
         if self._warm_finalizer is not None:
-            self._warm_finalizer()  # runs the early start's release once
+            self._warm_finalizer.detach()  # released now, not kept for a later Trainer
+        if self._warm_start is not None:
+            self._warm_start.release()
         self._warm_start, self._warm_finalizer = None, None
         if self._finalizer is not None:
             self._finalizer.detach()  # released now, not kept for a later Trainer

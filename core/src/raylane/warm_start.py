@@ -4,7 +4,8 @@ Between building the Trainer and calling ``fit`` a script loads its data and bui
 up (when raylane starts it: :mod:`raylane.local_ray`) and the worker actors can start and import torch and Lightning;
 the first entry point then adopts them instead of starting its own (:meth:`raylane.launcher.RayLauncher`). Until it
 does, they are idle workers like any others (:mod:`raylane.idle`): released as soon as other work waits for their
-resources, after ``idle_timeout`` seconds, or when the Trainer is dropped.
+resources, or after ``idle_timeout`` seconds. When the Trainer is dropped first, they wait for the driver's next
+Trainer under the same rules (:mod:`raylane.dropped_trainers`).
 """
 
 from __future__ import annotations
@@ -59,10 +60,10 @@ class WarmStart:
         group: WorkerGroup | None = None
         try:
             local_ray.wait_for_background_start()
-            if not ray.is_initialized() or self._released():
+            if not ray.is_initialized() or self.is_released():
                 return
             group = WorkerGroup(self.host, _waiting_briefly(self.options), self._backend_options).start()
-            if preload and not self._released():
+            if preload and not self.is_released():
                 ray.get([actor.preload.remote(preload) for actor in group.actors])
         except Exception:  # the entry point starts its workers itself and reports what goes wrong then
             log.debug("raylane: starting the workers early failed", exc_info=True)
@@ -76,9 +77,14 @@ class WarmStart:
                 return
         group.shutdown()  # released while starting
 
-    def _released(self) -> bool:
+    def is_released(self) -> bool:
+        """Whether the workers were claimed or released (by their idle watch, say): nothing is left to claim."""
         with self._lock:
             return self._done
+
+    def serves(self, backend: str, options: LaunchOptions) -> bool:
+        """Whether these workers, unless released, would serve a Trainer of ``backend`` with ``options``."""
+        return not self.is_released() and self.host.backend == backend and self.options.same_workers(options)
 
     def wait(self, timeout_s: float | None = None) -> bool:
         """Wait until the start has ended; whether the workers are up and unclaimed."""
