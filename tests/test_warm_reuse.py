@@ -142,9 +142,14 @@ def test_a_trainer_the_collector_freed_leaves_its_idle_workers_to_the_next_one(t
     del second
 
 
-def test_a_dropped_trainers_idle_workers_leave_after_their_idle_timeout_and_for_waiting_work(tmp_path: Path) -> None:
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
+def test_a_dropped_trainers_idle_workers_leave_after_their_idle_timeout_for_waiting_work_or_at_once_if_opted_out(
+    tmp_path: Path,
+) -> None:
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    fit_in_a_function(ClassifierModel(report_dir=str(tmp_path / "c")), tmp_path / "c", reuse_workers=False)
+    gc.collect()
+    assert_released(timeout_s=5)  # no Trainer may take them (idle_timeout is 120 s): they stop with their Trainer
     fit_in_a_function(ClassifierModel(report_dir=str(tmp_path / "a")), tmp_path / "a", idle_timeout=3)
     gc.collect()
     assert_released(timeout_s=30)  # the rest of its 3 s

@@ -11,7 +11,8 @@ started when it was built (:mod:`raylane.warm_start`) and dropped before its fir
 builds the Trainer, run again before the cell that fits.
 
 Workers inside a placement group someone else owns (a Tune trial's) are stopped when their Trainer is dropped: the
-bundles they hold belong to that group's next user.
+bundles they hold belong to that group's next user. So are those of a strategy with ``reuse_workers=False``, which no
+Trainer may take.
 """
 
 from __future__ import annotations
@@ -64,7 +65,14 @@ def keep_or_stop(group: WorkerGroup, idleness: Idleness) -> None:
     remaining = 0.0 if idleness.until is None else idleness.until - time.monotonic()
     reservation = group.reservation
     with _lock:
-        keep = not _exiting and bool(group.actors) and remaining > 0 and reservation is not None and reservation.owned
+        keep = (
+            not _exiting
+            and bool(group.actors)
+            and group.options.reuse_workers  # else no Trainer could take them
+            and remaining > 0
+            and reservation is not None
+            and reservation.owned
+        )
         if keep:
             watch = IdleWatch(lambda reason: _release(group, reason), remaining, idleness.held)
             _kept.append((group, watch))
@@ -77,10 +85,10 @@ def keep_or_stop(group: WorkerGroup, idleness: Idleness) -> None:
 def keep_early_start(start: WarmStart) -> None:
     """A launcher dropped before its first entry point: the workers it started early wait for the next Trainer."""
     with _lock:
-        if not _exiting:
+        if not _exiting and start.options.reuse_workers:
             _kept_starts.append(start)
             return
-    start.release("the driver exits")
+    start.release("its Trainer was dropped")
 
 
 def has_like(backend: str, options: LaunchOptions) -> bool:
