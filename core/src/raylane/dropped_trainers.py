@@ -102,7 +102,8 @@ def has_like(backend: str, options: LaunchOptions) -> bool:
 def take_early_start(backend: str, options: LaunchOptions) -> WarmStart | None:
     """The early workers of a Trainer dropped before its first entry point, for a Trainer they would serve."""
     with _lock:
-        _kept_starts[:] = [start for start in _kept_starts if not start.is_released()]
+        for released in [start for start in _kept_starts if start.is_released()]:
+            _kept_starts.remove(released)  # in place: a finalizer may append meanwhile
         start = next((start for start in _kept_starts if start.serves(backend, options)), None)
         if start is not None:
             _kept_starts.remove(start)
