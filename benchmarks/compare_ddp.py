@@ -17,12 +17,11 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-import compare_ddp_lightning
-import compare_ddp_ray_train
 import ray
-from compare_ddp_ray_init import time_ray_startup
-from compare_ddp_report import RunResult, format_table, load_average, summarise
-from compare_ddp_workload import PROCESSES, Workload
+from harness import lightning_runs, ray_train_runs
+from harness.ray_start import time_ray_startup
+from harness.report import RunResult, format_table, load_average, summarise
+from harness.workload import PROCESSES, Workload
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,16 +55,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    configs = list(compare_ddp_lightning.CONFIGS)
-    processes = {config: compare_ddp_lightning.processes(config) for config in configs}
+    configs = list(lightning_runs.CONFIGS)
+    processes = {config: lightning_runs.processes(config) for config in configs}
     if args.with_ray_train:
         try:
-            compare_ddp_ray_train.check_available()
-        except compare_ddp_ray_train.RayTrainUnavailable as err:
+            ray_train_runs.check_available()
+        except ray_train_runs.RayTrainUnavailable as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        configs.append(compare_ddp_ray_train.CONFIG)
-        processes[compare_ddp_ray_train.CONFIG] = PROCESSES
+        configs.append(ray_train_runs.CONFIG)
+        processes[ray_train_runs.CONFIG] = PROCESSES
 
     load_at_start = load_average()
     print(f"timing ray.init() in {args.repeats} fresh interpreter(s)", flush=True)
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"loop {result.loop_s:.2f} s, final loss {result.train_loss:.3f}",
                     flush=True,
                 )
-    except compare_ddp_ray_train.RayTrainUnavailable as err:
+    except ray_train_runs.RayTrainUnavailable as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
@@ -102,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run_config(config: str, workload: Workload, storage: str, one_process_threads: int | None) -> RunResult:
-    if config == compare_ddp_ray_train.CONFIG:
-        return compare_ddp_ray_train.run(workload, storage)
-    return compare_ddp_lightning.run(config, workload, one_process_threads)
+    if config == ray_train_runs.CONFIG:
+        return ray_train_runs.run(workload, storage)
+    return lightning_runs.run(config, workload, one_process_threads)
 
 
 if __name__ == "__main__":  # ddp_spawn's children re-import this file; they must not run the benchmark

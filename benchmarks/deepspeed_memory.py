@@ -3,7 +3,7 @@ model, for N = 1, 2 and 4 workers.
 
     python benchmarks/deepspeed_memory.py [--repeats 1] [--stages 1 2 3] [--json deepspeed.json]
 
-The model, data, measurement and report are ``memory_workload``'s (the same as ``fsdp_memory.py``): per worker, the
+The model, data, measurement and report are ``harness.memory``'s (the same as ``fsdp_memory.py``): per worker, the
 bytes of parameters, gradients and optimizer state it holds, its peak RSS (``ru_maxrss``), and samples/s over rank 0's
 training loop. DeepSpeed keeps its state in its own buffers rather than on the module, so each rank reads them from
 its engine (``trainer.strategy.deepspeed_engine.optimizer``, the ZeRO optimizer), as :class:`ZeroReader` documents.
@@ -22,7 +22,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import ray
-from memory_workload import (
+from harness.memory import (
     StateReader,
     SyntheticData,
     WideMLP,

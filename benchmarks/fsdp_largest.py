@@ -3,7 +3,7 @@ of memory, fsdp against ddp.
 
     python benchmarks/fsdp_largest.py [--budget-gib 2] [--workers 4] [--width 2048] [--json largest.json]
 
-The model is ``memory_workload``'s WideMLP (square ``--width`` Linear layers and a head, Adam), trained for
+The model is ``harness.memory``'s WideMLP (square ``--width`` Linear layers and a head, Adam), trained for
 ``--steps`` optimizer steps per probe; the search varies its number of layers (one layer of width 2048 is 4.2M
 parameters). ddp builds the model on the driver, as it must; fsdp builds it on the ``meta`` device, as the backend's
 docs say to for big models, so each worker allocates only its shard (``materialize`` after ``fully_shard``).
@@ -47,7 +47,7 @@ import psutil
 import pytorch_lightning as pl
 import ray
 import torch
-from memory_workload import (
+from harness.memory import (
     FIGURES,
     MIB,
     QUIET,

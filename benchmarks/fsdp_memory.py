@@ -5,7 +5,7 @@
 Per worker: the bytes of parameters, of gradients (when the optimizer steps) and of optimizer state it holds (its
 shard under FSDP: the local part of each DTensor), and its peak RSS (``ru_maxrss``). Per run: training throughput
 (samples/s over rank 0's training loop, start-up excluded). The measurement and the report are
-``memory_workload``'s, shared with the other memory benchmarks. The target for FSDP is at most 1/N + 10% of ddp's
+``harness.memory``'s, shared with the other memory benchmarks. The target for FSDP is at most 1/N + 10% of ddp's
 parameter + gradient + optimizer-state bytes per worker at N = 2 and 4. Needs raylane-ddp and raylane-fsdp.
 """
 
@@ -19,7 +19,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import ray
-from memory_workload import (
+from harness.memory import (
     SyntheticData,
     WideMLP,
     fit_and_measure,

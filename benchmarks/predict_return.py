@@ -29,8 +29,8 @@ import psutil
 import pytorch_lightning as pl
 import ray
 import torch
-from compare_ddp_lightning import QUIET_TRAINER
-from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
+from harness.lightning_runs import QUIET_TRAINER
+from harness.report import describe_machine, load_average, machine_and_load, publish
 from torch.utils.data import DataLoader, TensorDataset
 
 from raylane import get_strategy

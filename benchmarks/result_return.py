@@ -21,9 +21,9 @@ import numpy as np
 import pytorch_lightning as pl
 import ray
 import torch
-from compare_ddp_lightning import QUIET_TRAINER
-from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
-from compare_ddp_workload import PROCESSES
+from harness.lightning_runs import QUIET_TRAINER
+from harness.report import describe_machine, load_average, machine_and_load, publish
+from harness.workload import PROCESSES
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -16,13 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 
-import compare_ddp_lightning
 import pytorch_lightning as pl
 import ray
 import torch
-from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
-from compare_ddp_timer import LOOP_S
-from compare_ddp_workload import Workload
+from harness import lightning_runs
+from harness.report import describe_machine, load_average, machine_and_load, publish
+from harness.timer import LOOP_S
+from harness.workload import Workload
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 WORKER_COUNTS = (1, 2)
@@ -112,11 +112,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_once(workers: int, args: argparse.Namespace) -> dict[str, float]:
     workload = Workload(samples=args.samples, epochs=1, batch_size=args.batch_per_worker * workers, hidden=args.hidden)
     counter = AllreduceBytes()
-    trainer, model, data = compare_ddp_lightning.build("raylane", workload, callbacks=[counter], workers=workers)
+    trainer, model, data = lightning_runs.build("raylane", workload, callbacks=[counter], workers=workers)
     try:
         trainer.fit(model, datamodule=data)
     finally:
-        compare_ddp_lightning.release_workers(trainer)
+        lightning_runs.release_workers(trainer)
     metrics = {name: float(trainer.callback_metrics[name]) for name in (LOOP_S, BYTES_PER_STEP, MODEL_BYTES)}
     return {**metrics, "samples_per_s": args.samples / metrics[LOOP_S]}
 

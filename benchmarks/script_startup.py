@@ -32,8 +32,8 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
-from compare_ddp_workload import PROCESSES
+from harness.report import describe_machine, load_average, machine_and_load, publish
+from harness.workload import PROCESSES
 
 BENCHMARKS_DIR = Path(__file__).resolve().parent
 DDP_SPAWN = "ddp_spawn"
@@ -70,9 +70,9 @@ SCRIPT = textwrap.dedent(
     {first_lines}
     import pytorch_lightning as pl
     imported = time.perf_counter()
-    from compare_ddp_lightning import build
-    from compare_ddp_timer import measured
-    from compare_ddp_workload import Workload
+    from harness.lightning_runs import build
+    from harness.timer import measured
+    from harness.workload import Workload
 
     if __name__ == "__main__":  # ddp_spawn's children import this file again
         trainer, model, data = build({config!r}, Workload(samples={samples}, epochs=1, batch_size=256, hidden=1024))

@@ -5,7 +5,7 @@
 Per worker: the bytes of optimizer state it holds (the tensors in its optimizer's local state: the shard, for a
 sharded optimizer), the bytes of gradients it holds when the optimizer steps, and its peak RSS (``ru_maxrss``). Per
 run: training throughput (samples/s over rank 0's training loop, start-up excluded). The measurement and the report
-are ``memory_workload``'s, shared with the other memory benchmarks (no shared filesystem needed). Configurations run
+are ``harness.memory``'s, shared with the other memory benchmarks (no shared filesystem needed). Configurations run
 round-robin; the table shows medians over ``--repeats``. Needs raylane-ddp and raylane-sharded.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import ray
-from memory_workload import (
+from harness.memory import (
     StateReader,
     SyntheticData,
     WideMLP,

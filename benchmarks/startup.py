@@ -25,12 +25,11 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-import compare_ddp_lightning
-import compare_ddp_ray_train
 import ray
-from compare_ddp_report import RunResult, describe_machine, load_average, machine_and_load, publish, ratio_lines
-from compare_ddp_timer import TEST_LOOP_S, measured
-from compare_ddp_workload import PROCESSES, Workload
+from harness import lightning_runs, ray_train_runs
+from harness.report import RunResult, describe_machine, load_average, machine_and_load, publish, ratio_lines
+from harness.timer import TEST_LOOP_S, measured
+from harness.workload import PROCESSES, Workload
 
 import raylane
 
@@ -82,11 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     configs = ["ddp_spawn", "raylane", BUILT_EARLY, LATER_TRAINER, AFTER_A_DROPPED_TRAINER]
     if not args.without_ray_train:
         try:
-            compare_ddp_ray_train.check_available()
-        except compare_ddp_ray_train.RayTrainUnavailable as err:
+            ray_train_runs.check_available()
+        except ray_train_runs.RayTrainUnavailable as err:
             print(f"error: {err} (or pass --without-ray-train)", file=sys.stderr)
             return 2
-        configs.append(compare_ddp_ray_train.CONFIG)
+        configs.append(ray_train_runs.CONFIG)
     load_at_start = load_average()
     ray.init(address="local", num_cpus=PROCESSES, logging_level=logging.WARNING)
     storage = tempfile.mkdtemp(prefix="startup_ray_train_")
@@ -96,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         for repeat in range(args.repeats):  # round-robin: load changes spread over every configuration
             for config in configs:
-                if config == compare_ddp_ray_train.CONFIG:
-                    result = compare_ddp_ray_train.run(workload, storage)
+                if config == ray_train_runs.CONFIG:
+                    result = ray_train_runs.run(workload, storage)
                 elif config == "raylane":
                     result, run_phases = fit_raylane(workload)
                     phases.append(run_phases)
@@ -106,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 elif config in (LATER_TRAINER, AFTER_A_DROPPED_TRAINER):
                     result = fit_a_later_trainer(workload, drop_the_first=config == AFTER_A_DROPPED_TRAINER)
                 else:
-                    result = compare_ddp_lightning.run(config, workload)
+                    result = lightning_runs.run(config, workload)
                 fits[config].append(result)
                 print(
                     f"[{repeat + 1}/{args.repeats}] {config}: fit {result.fit_s:.2f} s, first step after "
@@ -133,7 +132,7 @@ def fit_raylane(workload: Workload, workers_up_first: bool = False) -> tuple[Run
 
     ``workers_up_first``: wait, before timing, until the workers raylane starts when the Trainer is built are up, as
     they are when the script loads its data for that long."""
-    trainer, model, data = compare_ddp_lightning.build("raylane", workload)
+    trainer, model, data = lightning_runs.build("raylane", workload)
     if workers_up_first and not trainer.strategy.launcher.early_workers_ready(timeout_s=600):
         raise RuntimeError("the workers raylane starts with the Trainer did not start; see the log above")
     started_at, start = time.time(), time.perf_counter()
@@ -142,7 +141,7 @@ def fit_raylane(workload: Workload, workers_up_first: bool = False) -> tuple[Run
         fit_s = time.perf_counter() - start
         returned_at = time.time()
     finally:
-        compare_ddp_lightning.release_workers(trainer)
+        lightning_runs.release_workers(trainer)
     metrics = measured(trainer.callback_metrics)
     timeline = trainer.strategy.launcher.timeline
     sources = {
@@ -159,12 +158,12 @@ def fit_a_later_trainer(workload: Workload, drop_the_first: bool = False) -> Run
     first Trainer still alive), or a loop over settings that builds each Trainer in a function (the first one dropped,
     and collected before the second is built)."""
     try:
-        first, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
+        first, model, data = lightning_runs.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
         first.fit(model, datamodule=data)
         if drop_the_first:
             del first
             gc.collect()
-        second, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
+        second, model, data = lightning_runs.build("raylane", workload, idle_timeout=WARM_IDLE_TIMEOUT_S)
         started_at, start = time.time(), time.perf_counter()
         second.fit(model, datamodule=data)
         fit_s = time.perf_counter() - start
@@ -175,14 +174,14 @@ def fit_a_later_trainer(workload: Workload, drop_the_first: bool = False) -> Run
 
 def test_after_fit(workload: Workload, idle_timeout: float) -> float:
     """Seconds a ``test()`` right after ``fit()`` on the same Trainer takes beyond rank 0's test loop."""
-    trainer, model, data = compare_ddp_lightning.build("raylane", workload, idle_timeout=idle_timeout)
+    trainer, model, data = lightning_runs.build("raylane", workload, idle_timeout=idle_timeout)
     try:
         trainer.fit(model, datamodule=data)
         start = time.perf_counter()
         trainer.test(model, datamodule=data, verbose=False)
         test_s = time.perf_counter() - start
     finally:
-        compare_ddp_lightning.release_workers(trainer)
+        lightning_runs.release_workers(trainer)
     return test_s - float(trainer.callback_metrics[TEST_LOOP_S])
 
 

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from compare_ddp_lightning import QUIET_TRAINER
-from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
+from harness.lightning_runs import QUIET_TRAINER
+from harness.report import describe_machine, load_average, machine_and_load, publish
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from statistics import median
 
-import compare_ddp_lightning
 import ray
-from compare_ddp_report import RunResult, describe_machine, load_average, machine_and_load, publish
-from compare_ddp_timer import WARM_UP_STEPS
-from compare_ddp_workload import PROCESSES, Workload
+from harness import lightning_runs
+from harness.report import RunResult, describe_machine, load_average, machine_and_load, publish
+from harness.timer import WARM_UP_STEPS
+from harness.workload import PROCESSES, Workload
 
 CONFIGS = ("ddp_spawn", "raylane")
 
@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for repeat in range(args.repeats):
             # Alternate which goes first, so a trend in the machine's load favours neither.
             for config in CONFIGS if repeat % 2 == 0 else reversed(CONFIGS):
-                result = compare_ddp_lightning.run(config, workload)
+                result = lightning_runs.run(config, workload)
                 runs[config].append(result)
                 print(f"[{repeat + 1}/{args.repeats}] {config}: median step {result.step_s * 1e3:.2f} ms", flush=True)
     finally:

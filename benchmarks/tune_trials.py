@@ -41,7 +41,7 @@ from types import ModuleType
 from typing import Any
 
 import ray
-from compare_ddp_report import describe_machine, load_average, machine_and_load, publish
+from harness.report import describe_machine, load_average, machine_and_load, publish
 from ray import tune
 
 CONFIGS = ("raylane", "ray_train")

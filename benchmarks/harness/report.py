@@ -12,7 +12,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from compare_ddp_workload import Workload
+from harness.workload import Workload
 
 BASELINE = "raylane"  # every ratio is this configuration over another
 
@@ -31,7 +31,7 @@ class RunResult:
 
     @classmethod
     def from_metrics(cls, fit_s: float, metrics: Mapping[str, float], started_at: float = float("nan")) -> RunResult:
-        """From the fit time, what :func:`compare_ddp_timer.measured` returned on rank 0, and the ``time.time()`` at
+        """From the fit time, what :func:`timer.measured` returned on rank 0, and the ``time.time()`` at
         which ``fit`` was called."""
         return cls(
             fit_s,

@@ -15,11 +15,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from compare_ddp_report import RunResult
-from compare_ddp_workload import DIGITS_PATH, PROCESSES, Workload, synthetic_digits
+from harness.report import RunResult
+from harness.workload import DIGITS_PATH, PROCESSES, Workload, synthetic_digits
 
 CONFIG = "ray_train"
-LOOP_TIMER_PATH = Path(__file__).resolve().parent / "compare_ddp_timer.py"
+LOOP_TIMER_PATH = Path(__file__).resolve().parent / "timer.py"
 
 
 class RayTrainUnavailable(RuntimeError):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
-EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 DIGITS_PATH = EXAMPLES_DIR / "digits.py"
 
 # Shape of scikit-learn's digits (as in examples/digits.py): 8x8 images flattened to 64 features, 10 classes.

@@ -9,10 +9,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from compare_ddp_report import RunResult
-from compare_ddp_timer import LoopTimer, measured
-from compare_ddp_workload import EXAMPLES_DIR, PROCESSES, Workload, synthetic_digits
 from torch.utils.data import DataLoader
+
+from harness.report import RunResult
+from harness.timer import LoopTimer, measured
+from harness.workload import EXAMPLES_DIR, PROCESSES, Workload, synthetic_digits
 
 if str(EXAMPLES_DIR) not in sys.path:
     sys.path.insert(0, str(EXAMPLES_DIR))  # the example's model module, found as a user's script would find it
