@@ -34,14 +34,13 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from statistics import median
 from types import ModuleType
 from typing import Any
 
 import ray
-from harness.report import describe_machine, load_average, machine_and_load, publish
+from harness.report import describe_machine, installed_version, load_average, machine_and_load, publish
 from ray import tune
 
 CONFIGS = ("raylane", "ray_train")
@@ -351,7 +350,7 @@ def summarise(
     }
     machine = machine_and_load(load_before)
     for name in ("lightning", "raylane-tune"):
-        machine[name] = _version(name)
+        machine[name] = installed_version(name)
     return {
         "machine": machine,
         "search": {
@@ -371,13 +370,6 @@ def summarise(
         "ratio_raylane_over_ray_train_wall": configs["raylane"]["median_wall_s"]
         / configs["ray_train"]["median_wall_s"],
     }
-
-
-def _version(distribution: str) -> str | None:
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def format_report(report: dict[str, Any]) -> str:

@@ -109,7 +109,7 @@ def machine_info() -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "platform": platform.platform(),
         "python": platform.python_version(),
-        **{name: _version(name) for name in ("torch", "pytorch-lightning", "ray", "raylane", "raylane-ddp")},
+        **{name: installed_version(name) for name in ("torch", "pytorch-lightning", "ray", "raylane", "raylane-ddp")},
     }
 
 
@@ -129,7 +129,8 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _version(distribution: str) -> str | None:
+def installed_version(distribution: str) -> str | None:
+    """The installed version of ``distribution``, or None when it is not installed."""
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
