@@ -20,14 +20,12 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from raylane import local_ray
 from raylane.group import WorkerGroup
-from raylane.idle import IdleWatch, Resources
+from raylane.idle import IdleWatch
 from raylane.options import LaunchOptions
 
 if TYPE_CHECKING:
@@ -44,25 +42,24 @@ _exiting = False
 
 @dataclass
 class Idleness:
-    """How long a launcher's workers may still wait for an entry point: kept up to date by the launcher, read by
+    """The watch over a launcher's idle workers (None while an entry point runs): kept by the launcher, read by
     :func:`keep_or_stop` once the launcher is dropped (a finalizer may not hold the launcher itself)."""
 
-    until: float | None = None  # a time.monotonic() deadline; None while an entry point runs
-    held: Mapping[str, Resources] = field(default_factory=dict)  # node id -> what the workers hold there
-    watch: IdleWatch | None = None  # the launcher's own watch, which cannot release them once it is dropped
+    watch: IdleWatch | None = None
 
-    def start(self, timeout_s: float, held: Mapping[str, Resources], watch: IdleWatch) -> None:
-        self.until, self.held, self.watch = time.monotonic() + timeout_s, held, watch
-
-    def stop(self) -> None:
-        self.until, self.watch = None, None
+    def end(self) -> None:
+        """The workers are busy, released or handed over: their watch stops."""
+        if self.watch is not None:
+            self.watch.cancel()
+        self.watch = None
 
 
 def keep_or_stop(group: WorkerGroup, idleness: Idleness) -> None:
     """A dropped launcher's workers: kept for this driver's next Trainer while their idle time lasts, else stopped."""
-    if idleness.watch is not None:
-        idleness.watch.cancel()
-    remaining = 0.0 if idleness.until is None else idleness.until - time.monotonic()
+    launchers_watch = idleness.watch  # it releases through the launcher, which is gone
+    remaining = launchers_watch.remaining_s() if launchers_watch is not None else 0.0
+    held = launchers_watch.held if launchers_watch is not None else {}
+    idleness.end()
     reservation = group.reservation
     with _lock:
         keep = (
@@ -74,7 +71,7 @@ def keep_or_stop(group: WorkerGroup, idleness: Idleness) -> None:
             and reservation.owned
         )
         if keep:
-            watch = IdleWatch(lambda reason: _release(group, reason), remaining, idleness.held)
+            watch = IdleWatch(lambda reason: _release(group, reason), remaining, held)
             _kept.append((group, watch))
     if not keep:
         group.shutdown()
@@ -94,7 +91,7 @@ def keep_early_start(start: WarmStart) -> None:
 def has_like(backend: str, options: LaunchOptions) -> bool:
     """Whether a dropped Trainer's idle workers would serve a Trainer of ``backend`` with ``options``."""
     with _lock:
-        return any(_serves(group, backend, options) for group, _ in _kept) or any(
+        return any(group.serves(backend, options) for group, _ in _kept) or any(
             start.serves(backend, options) for start in _kept_starts
         )
 
@@ -115,7 +112,7 @@ def take(backend: str, options: LaunchOptions) -> WorkerGroup | None:
     run today's code (:meth:`WorkerGroup.is_reusable`); None when there are none."""
     while True:
         with _lock:
-            entry = next(((g, w) for g, w in _kept if _serves(g, backend, options)), None)
+            entry = next(((g, w) for g, w in _kept if g.serves(backend, options)), None)
             if entry is None:
                 return None
             _kept.remove(entry)
@@ -139,10 +136,6 @@ def release_all(reason: str) -> None:
         group.shutdown()
     for start in starts:
         start.release(reason)
-
-
-def _serves(group: WorkerGroup, backend: str, options: LaunchOptions) -> bool:
-    return group.host.backend == backend and group.options.same_workers(options)
 
 
 def _release(group: WorkerGroup, reason: str) -> None:

@@ -130,6 +130,11 @@ class WorkerGroup:
         self.host, self.options, self.backend_options = host, options, dict(backend_options)
         self._refresh_contexts()
 
+    def serves(self, backend: str, options: LaunchOptions) -> bool:
+        """Whether these actors are what a Trainer of ``backend`` with ``options`` would start
+        (:meth:`LaunchOptions.same_workers`)."""
+        return self.host.backend == backend and self.options.same_workers(options)
+
     def is_reusable(self) -> bool:
         """Whether every actor still answers and runs the code fresh ones would: no module it imported changed since
         (:mod:`raylane.imported_code`), and the ``runtime_env``'s local folders upload as they did for it."""

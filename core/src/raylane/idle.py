@@ -37,17 +37,26 @@ class IdleWatch:
         self._held = {node: dict(resources) for node, resources in held.items() if resources}
         self._cancelled = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="raylane-idle-watch", daemon=True)
+        self._deadline = time.monotonic() + timeout_s  # from start() on: when it started
 
     def start(self) -> None:
+        self._deadline = time.monotonic() + self._timeout_s
         self._thread.start()
+
+    @property
+    def held(self) -> Mapping[str, Resources]:
+        return self._held
+
+    def remaining_s(self) -> float:
+        """The idle time the workers have left."""
+        return self._deadline - time.monotonic()
 
     def cancel(self) -> None:
         self._cancelled.set()
 
     def _watch(self) -> None:
-        deadline = time.monotonic() + self._timeout_s
-        while not self._cancelled.wait(max(0.0, min(POLL_S, deadline - time.monotonic()))):
-            if time.monotonic() >= deadline:
+        while not self._cancelled.wait(max(0.0, min(POLL_S, self.remaining_s()))):
+            if self.remaining_s() <= 0:
                 self._release(f"idle for {self._timeout_s:g} s (idle_timeout)")
                 return
             wanted = self._wanted_by_others()

@@ -55,8 +55,7 @@ class RayLauncher:
         self._finalizer: weakref.finalize | None = None
         self._lock = threading.Lock()  # the idle watch's thread and the Trainer's thread both release
         self._busy = False
-        self._idle_watch: IdleWatch | None = None
-        # What its idle workers have left of their idle time, should this launcher be dropped (raylane.dropped_trainers)
+        # Its idle workers' watch, which a dropped launcher's finalizer reads too (raylane.dropped_trainers).
         self._idleness = dropped_trainers.Idleness()
         self.last_checkpoint: str | None = None  # newest checkpoint rank 0 saved, where a restart resumes from
         self.last_world_size: int | None = None  # the worker count of the latest run (elastic runs change it)
@@ -179,9 +178,7 @@ class RayLauncher:
         marks["payload_stored"] = time.time()
         with self._lock:
             self._busy = True
-            self._idleness.stop()
-            if self._idle_watch is not None:
-                self._idle_watch.cancel()
+            self._idleness.end()
         try:
             group = self._warm_group(host)
             group.check_storage(storage.find_targets(trainer, _lightning.ckpt_path_of(function, args, kwargs)))
@@ -322,7 +319,7 @@ class RayLauncher:
             warm = next((w for w in (other._give_up_warm_start(backend, options) for other in others) if w), None)
             warm = warm or dropped_trainers.take_early_start(backend, options)
         group = warm.claim() if warm is not None else None
-        if group is not None and (group.host.backend != backend or not group.options.same_workers(options)):
+        if group is not None and not group.serves(backend, options):
             group.shutdown()
             return None
         return group
@@ -334,7 +331,7 @@ class RayLauncher:
     def _idle_group_like(self, backend: str, options: LaunchOptions) -> WorkerGroup | None:
         """This launcher's group when it is idle and its workers look like ``options``' would; the lock is held."""
         group = self._group
-        if self._busy or group is None or group.host.backend != backend or not group.options.same_workers(options):
+        if self._busy or group is None or not group.serves(backend, options):
             return None
         return group
 
@@ -344,11 +341,10 @@ class RayLauncher:
             group = self._idle_group_like(backend, options)
             if group is None:
                 return None
-            if self._idle_watch is not None:
-                self._idle_watch.cancel()
+            self._idleness.end()
             if self._finalizer is not None:
                 self._finalizer.detach()  # the group now belongs to the new launcher, which shuts it down
-            self._group, self._finalizer, self._idle_watch = None, None, None
+            self._group, self._finalizer = None, None
         # Pinged after the lock: a frozen worker's ping takes seconds, and this launcher's own next entry point or
         # idle watch must not wait for it. A group that does not answer is of no use to either launcher.
         if group.is_reusable():
@@ -369,8 +365,7 @@ class RayLauncher:
             self._release_locked()
 
     def _release_locked(self) -> None:
-        if self._idle_watch is not None:
-            self._idle_watch.cancel()
+        self._idleness.end()
         if self._warm_finalizer is not None:
             self._warm_finalizer.detach()  # released now, not kept for a later Trainer
         if self._warm_start is not None:
@@ -380,8 +375,7 @@ class RayLauncher:
             self._finalizer.detach()  # released now, not kept for a later Trainer
         if self._group is not None:
             self._group.shutdown()
-        self._group, self._finalizer, self._idle_watch = None, None, None
-        self._idleness.stop()
+        self._group, self._finalizer = None, None
 
     def _watch_idle_workers(self) -> None:
         timeout = self._strategy.launch_options.idle_timeout
@@ -395,8 +389,7 @@ class RayLauncher:
         launcher = weakref.ref(self)
         watch = IdleWatch(lambda reason: _release_if_idle(launcher, reason), timeout, held)
         with self._lock:
-            self._idle_watch = watch
-            self._idleness.start(timeout, held, watch)
+            self._idleness.watch = watch
         watch.start()
 
     def _watch_for_room(self, group: WorkerGroup, trainer: pl.Trainer) -> elastic.GrowWatch | None:
@@ -433,7 +426,7 @@ class RayLauncher:
 
     def __getstate__(self) -> dict[str, Any]:
         # The launcher travels inside the pickled Trainer; actor handles and the placement group stay on the driver.
-        state = {**self.__dict__, "_group": None, "_finalizer": None, "_idle_watch": None, "_busy": False}
+        state = {**self.__dict__, "_group": None, "_finalizer": None, "_busy": False}
         state["_idleness"] = dropped_trainers.Idleness()
         state.update(_warm_start=None, _warm_finalizer=None)
         del state["_lock"]
