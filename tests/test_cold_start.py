@@ -366,6 +366,7 @@ if __name__ == "__main__":
     ("case", "header", "env"),
     [
         ("the script imports Ray itself", "import ray\n", {}),
+        ("the script imports Ray among other modules", "import os, ray\n", {}),
         ("one rank of a job torchrun or Lightning's ddp launched", "", {"LOCAL_RANK": "0"}),
         ("the off switch", "", {"RAYLANE_EARLY_START": "0"}),
     ],

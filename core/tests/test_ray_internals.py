@@ -4,9 +4,12 @@ to fix."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import ray
@@ -14,6 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 
 from raylane import _ray
 from raylane.testing import ensure_local_ray, env_without_ray_address, free_port
+from raylane.testing.ray_state import listening_tcp_ports
 
 
 @pytest.mark.timeout(60)
@@ -44,6 +48,20 @@ print("DASHBOARD", _ray.dashboard_url())
 """
 
 
+def printed_lines(script: str, prefixes: tuple[str, ...], *args: str) -> tuple[list[str], str]:
+    """Run ``script`` in a fresh interpreter with no ``RAY_ADDRESS`` (a Ray of its own); the lines it printed that
+    start with ``prefixes``, and its output for the failure message."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env=env_without_ray_address(),
+        capture_output=True,
+        text=True,
+        timeout=100,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(prefixes)]
+    return lines, done.stdout + done.stderr[-3000:]
+
+
 def test_the_dashboard_function_raylane_calls_is_still_in_ray() -> None:
     # dashboard_url() turns any error into None (the start-up line then omits the dashboard), so only this import
     # notices when a Ray release moves the function.
@@ -61,15 +79,8 @@ def test_dashboard_url_is_none_without_a_dashboard() -> None:
 @pytest.mark.timeout(120)
 def test_dashboard_url_is_the_http_address_of_a_running_dashboard() -> None:
     port = free_port()
-    done = subprocess.run(
-        [sys.executable, "-c", DASHBOARD_SCRIPT, str(port)],
-        env=env_without_ray_address(),
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith("DASHBOARD ")]
-    assert lines == [f"DASHBOARD http://127.0.0.1:{port}"], done.stdout + done.stderr[-3000:]
+    lines, output = printed_lines(DASHBOARD_SCRIPT, ("DASHBOARD ",), str(port))
+    assert lines == [f"DASHBOARD http://127.0.0.1:{port}"], output
 
 
 QUICK_STOP_SCRIPT = """
@@ -96,15 +107,47 @@ print("RUNNING", running, ray.is_initialized())
 def test_the_quick_stop_finds_the_processes_of_the_ray_it_started_and_stops_them() -> None:
     # stop_ray() falls back to ray.shutdown() (with its waits) when Ray moves its node's process table, so only this
     # test notices; it runs in a fresh interpreter, with a Ray of its own.
-    done = subprocess.run(
-        [sys.executable, "-c", QUICK_STOP_SCRIPT],
-        env=env_without_ray_address(),
-        capture_output=True,
-        text=True,
-        timeout=100,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith(("KINDS ", "RUNNING "))]
-    assert lines == ["KINDS True True", "RUNNING [] False"], done.stdout + done.stderr[-3000:]
+    lines, output = printed_lines(QUICK_STOP_SCRIPT, ("KINDS ", "RUNNING "))
+    assert lines == ["KINDS True True", "RUNNING [] False"], output
+
+
+AGENT_PORT_SCRIPT = """
+import time
+import ray
+from raylane import _ray, local_ray
+from raylane.testing.ray_state import listening_tcp_ports
+
+local_ray.start_ray_in_background(num_cpus=1)
+local_ray.wait_for_background_start()
+[node] = ray.nodes()
+port = node["DashboardAgentListenPort"]
+deadline = time.monotonic() + 20
+while port not in listening_tcp_ports() and time.monotonic() < deadline:
+    time.sleep(0.2)
+print("AGENT", port != _ray.SHARED_AGENT_PORT, port in listening_tcp_ports())
+"""
+
+
+@contextmanager
+def port_held(port: int) -> Iterator[None]:
+    """``port`` held by a listening socket of this process, unless another process holds it already."""
+    with socket.socket() as holder:
+        try:
+            holder.bind(("", port))
+            holder.listen()
+        except OSError:
+            pass  # held already (another Ray's agent, say)
+        yield
+
+
+@pytest.mark.timeout(120)
+def test_a_ray_raylane_starts_gives_its_dashboard_agent_a_port_no_other_ray_holds() -> None:
+    # While another process holds Ray's default agent port (another Ray's agent), an agent started on it retried the
+    # bind for 3.4 s, and ray.init waited for it all that time (raylane._ray.agent_port_of_its_own).
+    with port_held(_ray.SHARED_AGENT_PORT):
+        assert _ray.SHARED_AGENT_PORT in listening_tcp_ports()
+        lines, output = printed_lines(AGENT_PORT_SCRIPT, ("AGENT ",))
+    assert lines == ["AGENT True True"], output
 
 
 @pytest.mark.timeout(60)

@@ -7,14 +7,17 @@ fails as ``ray.init`` would. ``core/tests/test_ray_internals.py`` (and the runti
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,6 +150,49 @@ def route_logs_to_job(job_id: str, actor_name: str) -> None:
     for stream in (sys.stdout, sys.stderr):
         print(f"{ray_constants.LOG_PREFIX_JOB_ID}{job_id}", file=stream, flush=True)
         print(f"{ray_constants.LOG_PREFIX_ACTOR_NAME}{actor_name}", file=stream, flush=True)
+
+
+# The port Ray gives every node's dashboard agent HTTP server unless told otherwise (``ray start
+# --dashboard-agent-listen-port``; ``ray.init`` has no such argument).
+SHARED_AGENT_PORT = 52365
+
+
+@contextmanager
+def agent_port_of_its_own() -> Iterator[None]:
+    """Within it, a local Ray that ``ray.init`` starts gives its dashboard agent a free port instead of
+    :data:`SHARED_AGENT_PORT`.
+
+    While another Ray on this machine holds that port (a workstation's ``ray start --head``, a notebook's Ray, or the
+    agent of a Ray that ``ray.shutdown()`` stopped, which lingers for about a minute), the new agent retries the bind
+    for 3.4 s, then gives up; the raylet waits for it all that time before it registers, so ``ray.init`` took 3.4 s
+    longer. Nothing uses that HTTP server on a Ray started for one script (it serves Ray Jobs, which needs the full
+    dashboard). Ray's own ``cluster_utils`` moves the port of every node but the first for the same reason.
+    """
+    try:
+        from ray._private.parameter import RayParams
+    except Exception:  # a Ray that moved it: the default port, and the wait when another Ray holds it
+        log.debug("Ray's node parameters moved; its dashboard agent keeps the default port", exc_info=True)
+        yield
+        return
+    original = RayParams.__init__
+    port = _free_port()
+
+    @functools.wraps(original)
+    def with_free_agent_port(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", port)
+        original(self, *args, **kwargs)
+
+    RayParams.__init__ = with_free_agent_port  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        RayParams.__init__ = original  # type: ignore[method-assign]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return int(probe.getsockname()[1])
 
 
 LOG_FLUSH_S = 0.5  # what Ray's exit hook, too, gives the workers' last log lines to reach the driver

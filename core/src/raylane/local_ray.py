@@ -296,7 +296,7 @@ def _init_local(num_cpus: int, preload_modules: list[str]) -> None:
     global _ray_is_ours
     log.info("raylane: starting a local Ray instance with %d CPUs", num_cpus)
     system_config = {"preload_python_modules": preload_modules} if preload_modules else None
-    with _quiet_signal_warning():
+    with _quiet_signal_warning(), _ray.agent_port_of_its_own():
         # address="local": our own instance, even when `ray start` left another cluster's address on this machine.
         _unwrapped(ray.init)(
             address="local",

@@ -15,9 +15,12 @@ from pathlib import Path
 
 import ray
 
-# `import ray`, `from ray import tune`, `ray.init(...)`: a script that uses Ray itself may call ray.init, or make Ray
-# start through one of its libraries, at any line; a Ray started under it before that would change what it gets.
-_USES_RAY = re.compile(r"^\s*(import\s+ray\b|from\s+ray\b)|\bray\.init\b", re.MULTILINE)
+# `import ray`, `import os, ray`, `from ray import tune`, `ray.init(...)`: a script that uses Ray itself may call
+# ray.init, or make Ray start through one of its libraries, at any line; a Ray started under it before that would
+# change what it gets.
+_USES_RAY = re.compile(
+    r"^\s*(import\s+(?:[\w.]+(?:\s+as\s+\w+)?\s*,\s*)*ray\b|from\s+ray\b)|\bray\.init\b", re.MULTILINE
+)
 # Set in each process of torchrun, Lightning's own ddp launcher, MPI and Horovod: one rank of a job something else
 # launched, which must not start a Ray per rank.
 _RANK_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")

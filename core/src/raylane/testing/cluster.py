@@ -10,6 +10,8 @@ from typing import Any
 import ray
 from ray.cluster_utils import Cluster
 
+from raylane.testing.processes import free_port
+
 
 @contextmanager
 def local_cluster(head_cpus: float = 0, nodes: Sequence[Mapping[str, Any]] = ()) -> Iterator[Cluster]:
@@ -17,7 +19,12 @@ def local_cluster(head_cpus: float = 0, nodes: Sequence[Mapping[str, Any]] = ())
     arguments of ``Cluster.add_node``: ``num_cpus``, ``num_gpus``, ``resources`` ...); this process is connected to it
     while the block runs, and everything is shut down after."""
     ray.shutdown()  # a test's own local Ray would shadow the cluster
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus})
+    # The head's dashboard agent on a free port: the Ray this replaces, stopped by ray.shutdown(), leaves its agent on
+    # Ray's default one for about a minute, and an agent started on it waits 3.4 s for it.
+    agent_port = free_port()
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": head_cpus, "dashboard_agent_listen_port": agent_port}
+    )
     try:
         for node in nodes:
             cluster.add_node(**node)
