@@ -1,32 +1,37 @@
-"""Where a local ``ray.init()``'s seconds go: the waits it is made of, with the driver idle and with the driver
-importing Lightning meanwhile (what ``import raylane`` arranges in a training script).
+"""Where a local ``ray.init()``'s seconds go, and what another Ray holding the dashboard agent's default port costs
+it: with the port free; held by another process (another Ray's agent: a ``ray start --head``, a notebook's Ray, or
+the agent of a Ray that ``ray.shutdown()`` stopped, which lingers for about a minute); and held, with the agent on a
+port of its own as raylane starts Ray (``raylane._ray.agent_port_of_its_own``).
 
     python benchmarks/ray_start_phases.py --repeats 3 [--json ray_start_phases.json]
 
 A script's cold first step cannot come before Ray is up, so this is the floor under issue 16's cold-start goals.
-Each run is a fresh interpreter calling ``ray.init(address="local", include_dashboard=False)`` under cProfile, as
-raylane's own start does; the phases are the cumulative times of Ray's own functions on that call's path:
+Each run is a fresh interpreter calling ``ray.init(address="local", include_dashboard=False)`` under cProfile; the
+phases are the cumulative times of Ray's own functions on that call's path:
 
 - **dashboard wait**: ``ray._private.services.start_api_server``, which starts the dashboard's head process (in its
   minimal form even with ``include_dashboard=False``) and polls every 0.1 s until that process has published its
   address;
-- **raylet wait**: ``ray._private.services.get_node``, a blocking call that returns once the raylet has registered
-  with the GCS. The raylet registers after its dashboard agent and runtime-env agent (Python processes it starts)
-  are up; its log (``raylet.out``) shows the gap;
+- **raylet wait**: ``ray._private.services.get_node``, which returns once the raylet has registered with the GCS.
+  The raylet registers once its dashboard agent is up; an agent whose HTTP port is taken retries the bind for 3.4 s
+  first (its log, ``dashboard_agent.log``, shows the retries);
 - **driver connect**: ``ray._private.worker.connect``, the driver's core worker joining the raylet;
 - **other**: the rest (starting the GCS, the log monitor and the autoscaler monitor, reading the config).
 
-See README.md for the figures.
+Each probe stops its Ray the way raylane does (``raylane._ray.stop_ray``), which leaves no agent behind to hold the
+port for the next probe. See README.md for the figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -40,38 +45,37 @@ PHASES = {  # label: (module file, function name) whose cumulative time is the p
 }
 PROBE = textwrap.dedent(
     """
-    import cProfile, json, logging, pstats, sys, threading, time
+    import contextlib, cProfile, json, logging, pstats, sys, time
     import ray
+    from raylane import _ray
 
     phases = json.loads(sys.argv[1])
-    beside_imports = sys.argv[2] == "1"
+    own_port = _ray.agent_port_of_its_own() if sys.argv[2] == "1" else contextlib.nullcontext()
     profile = cProfile.Profile()
-    timing = {}
-
-    def start():
-        started = time.perf_counter()
+    started = time.perf_counter()
+    with own_port:
         profile.enable()
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         profile.disable()
-        timing["init_s"] = time.perf_counter() - started
-
-    thread = threading.Thread(target=start)
-    thread.start()
-    if beside_imports:
-        import pytorch_lightning  # what the script does while raylane's start runs on its thread
-    thread.join()
+    timing = {"init_s": time.perf_counter() - started}
     stats = pstats.Stats(profile).stats
     for label, (path, name) in phases.items():
         timing[label] = sum(
             row[3] for (file, _, function), row in stats.items() if file.endswith(path) and function == name
         )
     timing["other_s"] = timing["init_s"] - sum(timing[label] for label in phases)
-    ray.shutdown()
+    _ray.stop_ray(flush_logs=False)
     print("PHASES " + json.dumps(timing))
     """
 )
 PROBE_TIMEOUT_S = 300
-SETTINGS = {"driver idle": "0", "driver importing Lightning": "1"}
+DEFAULT_AGENT_PORT = 52365  # raylane._ray.SHARED_AGENT_PORT; not imported, so this process imports no Ray
+# name: (the default agent port held by another process, the agent on a port of its own)
+SETTINGS = {
+    "port free": (False, False),
+    "port held by another process": (True, False),
+    "port held, raylane's free port": (True, True),
+}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -81,27 +85,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def measure(beside_imports: str) -> dict[str, float]:
+def measure(held: bool, own_port: bool) -> dict[str, float]:
     """One fresh interpreter's ``ray.init()`` and its phases, in seconds."""
-    probe = subprocess.run(
-        [sys.executable, "-c", PROBE, json.dumps(PHASES), beside_imports],
-        capture_output=True,
-        text=True,
-        timeout=PROBE_TIMEOUT_S,
-    )
+    with port_held(DEFAULT_AGENT_PORT) if held else contextlib.nullcontext():
+        probe = subprocess.run(
+            [sys.executable, "-c", PROBE, json.dumps(PHASES), "1" if own_port else "0"],
+            capture_output=True,
+            text=True,
+            timeout=PROBE_TIMEOUT_S,
+        )
     lines = [line for line in probe.stdout.splitlines() if line.startswith("PHASES ")]
     if probe.returncode != 0 or not lines:
         raise RuntimeError(f"the probe failed:\n{probe.stderr[-4000:]}")
     return json.loads(lines[-1].removeprefix("PHASES "))  # type: ignore[no-any-return]
 
 
+@contextlib.contextmanager
+def port_held(port: int) -> Iterator[None]:
+    """``port`` held by a listening socket of this process, as another Ray's agent would hold it."""
+    with socket.socket() as holder:
+        holder.bind(("", port))
+        holder.listen()
+        yield
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        with port_held(DEFAULT_AGENT_PORT):
+            pass
+    except OSError:
+        print(
+            f"port {DEFAULT_AGENT_PORT} is taken (another Ray's agent?): stop that Ray (`ray stop`) first",
+            file=sys.stderr,
+        )
+        return 1
     load_at_start = load_average()
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in SETTINGS}
-    for repeat in range(args.repeats):  # round-robin: load changes spread over both settings
-        for name, beside_imports in SETTINGS.items():
-            runs[name].append(measure(beside_imports))
+    for repeat in range(args.repeats):  # round-robin: load changes spread over every setting
+        for name, (held, own_port) in SETTINGS.items():
+            runs[name].append(measure(held, own_port))
             print(f"[{repeat + 1}/{args.repeats}] {name}: ray.init {runs[name][-1]['init_s']:.2f} s", flush=True)
     medians = {name: {key: median(run[key] for run in results) for key in results[0]} for name, results in runs.items()}
     report = {"machine": machine_and_load(load_at_start), "runs": runs, "medians": medians}
@@ -113,11 +136,11 @@ def format_report(report: Mapping[str, Any], repeats: int) -> str:
     lines = [
         f"ray.init(address='local', num_cpus=2, include_dashboard=False); medians of {repeats} fresh interpreters; "
         + describe_machine(report["machine"]),
-        "setting                      ray.init s  dashboard wait s  raylet wait s  connect s  other s",
+        "setting                          ray.init s  dashboard wait s  raylet wait s  connect s  other s",
     ]
     for name, figures in report["medians"].items():
         lines.append(
-            f"{name:<28} {figures['init_s']:10.2f} {figures['dashboard_wait_s']:17.2f} "
+            f"{name:<32} {figures['init_s']:10.2f} {figures['dashboard_wait_s']:17.2f} "
             f"{figures['raylet_wait_s']:14.2f} {figures['connect_s']:10.2f} {figures['other_s']:8.2f}"
         )
     return "\n".join(lines)

@@ -8,6 +8,7 @@ fails as ``ray.init`` would. ``core/tests/test_ray_internals.py`` (and the runti
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import signal
@@ -170,8 +171,12 @@ def agent_port_of_its_own() -> Iterator[None]:
     """
     try:
         from ray._private.parameter import RayParams
-    except Exception:  # a Ray that moved it: the default port, and the wait when another Ray holds it
-        log.debug("Ray's node parameters moved; its dashboard agent keeps the default port", exc_info=True)
+
+        movable = "dashboard_agent_listen_port" in inspect.signature(RayParams.__init__).parameters
+    except Exception:  # a Ray that moved it
+        movable = False
+    if not movable:  # the default port, and the wait when another Ray holds it
+        log.debug("Ray's node parameters changed; its dashboard agent keeps the default port")
         yield
         return
     original = RayParams.__init__
