@@ -38,7 +38,13 @@ from raylane import (
     get_strategy,
     release_idle_workers,
 )
-from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
+from raylane.testing.equivalence import (
+    assert_same_weights,
+    fit_distributed,
+    fit_one_process,
+    validation_loader,
+    weights_of,
+)
 from raylane.testing.faults import signal_worker
 from raylane.testing.models import ClassifierModel, make_dataset, make_loader
 from raylane.testing.processes import env_without_ray_address
@@ -220,6 +226,25 @@ class ResultsConformance(ConformanceBase):
         assert fit_pids == test_pids, "test() after fit() runs on the same warm actors"
         trainer.strategy.release_workers()  # type: ignore[attr-defined]
         assert_released()
+
+    def test_a_later_trainer_trains_on_the_idle_workers_to_the_weights_fresh_ones_give(self, tmp_path: Path) -> None:
+        # A re-run notebook cell: a new Trainer of the same shape takes the last one's idle workers, and must train as
+        # fresh workers would, whatever the backend left in them. Dropout draws from each worker's random generator,
+        # which the driver's state must reset (the driver is seeded the same before both fits).
+        torch.manual_seed(11)
+        initial = ClassifierModel(dropout=0.5).state_dict()
+        pids, weights = [], []
+        for run in ("fresh", "reused"):
+            model = ClassifierModel(dropout=0.5, report_dir=str(tmp_path / run))
+            model.load_state_dict(initial)
+            (tmp_path / run).mkdir()
+            torch.manual_seed(5)
+            trainer = self.trainer(tmp_path / run, enable_checkpointing=False)
+            trainer.fit(model, make_loader(8), validation_loader())
+            pids.append(sorted(json.loads(p.read_text())["pid"] for p in (tmp_path / run).glob("fit-rank*.json")))
+            weights.append(weights_of(model))
+        assert pids[1] == pids[0], "the later Trainer trained on the earlier one's idle workers"
+        assert_same_weights(weights[1], weights[0], atol=self.weight_tolerance, what=f"{self.backend}, reused workers")
 
     def test_idle_workers_are_released_after_idle_timeout(self, tmp_path: Path) -> None:
         trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=1))

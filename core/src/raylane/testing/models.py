@@ -33,6 +33,8 @@ class ClassifierModel(pl.LightningModule):
 
     ``report_dir``: every rank writes what it saw (ranks, sampler, initial weights, node, the ``report_env``
     variables) there as JSON.
+    ``dropout``: the probability of zeroing an input in training; above 0, each step draws from the worker's torch
+    random number generator, so a run's weights depend on that generator's state.
     ``fail_on_rank`` / ``fail_at_step`` / ``fail_mode``: make one rank raise, kill its own process (``"kill"``),
     hang without dying (``"hang"``: it still answers Ray) or freeze its whole process with SIGSTOP (``"freeze"``: it
     answers nothing, like a wedged host). With ``fail_once_marker`` (a file path) it fails only the first time.
@@ -50,13 +52,15 @@ class ClassifierModel(pl.LightningModule):
         fail_at_step: int = 0,
         fail_mode: str = "raise",
         fail_once_marker: str | None = None,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
         self.layer = nn.Linear(features, classes)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.layer(inputs)
+        return self.layer(self.dropout(inputs))
 
     def _loss(self, batch: Any) -> torch.Tensor:
         inputs, targets = batch
