@@ -28,7 +28,8 @@ import ray
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from ray.util.placement_group import placement_group, remove_placement_group
-from torch.utils.data import DataLoader
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from raylane import (
     ConfigurationError,
@@ -192,6 +193,26 @@ class ResultsConformance(ConformanceBase):
         [tested] = trainer.test(model, make_loader(8))
         assert tested["test_loss"] == pytest.approx(float(trainer.callback_metrics["test_loss"]))
         assert trainer.state.fn == "test" and trainer.state.finished
+
+    def test_test_and_predict_after_fit_use_the_weights_the_driver_holds_now(self, tmp_path: Path) -> None:
+        # fit, then change the weights on the driver (as loading another checkpoint does), then test and predict on
+        # the same warm workers: their metrics and outputs are the driver's model's, not what the workers last held.
+        model = ClassifierModel(optimizer="adam")
+        trainer = self.trainer(tmp_path, enable_checkpointing=False)
+        trainer.fit(model, make_loader(8), validation_loader())
+        with torch.no_grad():
+            model.layer.weight.mul_(0.5)
+        inputs, targets = make_dataset(samples=64, seed=3).tensors
+        with torch.no_grad():
+            expected = model(inputs)
+        loader = DataLoader(TensorDataset(inputs, targets), batch_size=8)
+        [tested] = trainer.test(model, loader)
+        expected_loss = nn.functional.cross_entropy(expected, targets).item()
+        assert tested["test_loss"] == pytest.approx(expected_loss, abs=1e-5), (
+            f"test() after fit() reported test_loss {tested['test_loss']}; the driver's model gives {expected_loss}"
+        )
+        predicted = torch.cat(trainer.predict(model, loader))
+        torch.testing.assert_close(predicted, expected, msg=lambda m: f"predict() after fit() and test(): {m}")
 
     def test_predict_returns_every_rank_in_dataset_order(self, tmp_path: Path) -> None:
         model = ClassifierModel()
