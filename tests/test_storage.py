@@ -33,12 +33,17 @@ def bucket(s3_server: S3Server) -> str:
 
 
 def _trainer(
-    tmp_path: Path, env: dict[str, str], max_epochs: int = 2, workers: int = WORKERS, **options: object
+    tmp_path: Path,
+    env: dict[str, str],
+    max_epochs: int = 2,
+    workers: int = WORKERS,
+    backend: str = "ddp",
+    **options: object,
 ) -> pl.Trainer:
     callbacks = options.pop("callbacks", [])
     logger = options.pop("logger", False)
     return pl.Trainer(
-        strategy=get_strategy("ddp", workers=workers, env=env, **options),
+        strategy=get_strategy(backend, workers=workers, env=env, **options),
         max_epochs=max_epochs,
         callbacks=callbacks,
         logger=logger,
@@ -172,4 +177,75 @@ def test_a_failing_rank_names_no_credential(s3_server: S3Server, bucket: str, tm
         _trainer(tmp_path, s3_server.env(), callbacks=[checkpoint]).fit(model, *_loaders())
     assert "injected failure on rank 1" in str(failure.value)
     assert s3_server.secret_key not in str(failure.value) and s3_server.secret_key not in "".join(capfd.readouterr())
+    assert_released()
+
+
+# Backends whose checkpoints are written with local-file APIs (torch's distributed checkpoint, DeepSpeed's engine):
+# Lightning's checkpoint IO, which writes to URLs, is not on their path.
+LOCAL_FILE_CHECKPOINTS = ["fsdp", "deepspeed"]
+
+
+def _nothing_written_locally(tmp_path: Path) -> bool:
+    return not list(Path.cwd().glob("s3:*")) and not list(tmp_path.rglob("s3:*"))
+
+
+@pytest.mark.parametrize("backend", LOCAL_FILE_CHECKPOINTS)
+def test_a_backend_with_local_file_checkpoints_refuses_checkpoint_urls_before_training(
+    s3_server: S3Server, bucket: str, tmp_path: Path, backend: str
+) -> None:
+    # Writing: the checkpoints would have gone to a local folder named "s3:" on each worker, and the driver would
+    # have named s3:// checkpoints the bucket never got.
+    run = f"s3://{bucket}/run"
+    trainer = _trainer(tmp_path, s3_server.env(), backend=backend, callbacks=[ModelCheckpoint(dirpath=f"{run}/ckpt")])
+    with pytest.raises(StorageError, match=rf"backend '{backend}' .* cannot write them to {run}/ckpt.*local path"):
+        trainer.fit(ClassifierModel(report_dir=str(tmp_path)), *_loaders())
+    # Without a dirpath, Lightning puts the checkpoints under the logger's save_dir, or under default_root_dir.
+    for flags in ({"logger": CSVLogger(save_dir=run)}, {"default_root_dir": run}):
+        trainer = pl.Trainer(strategy=get_strategy(backend, workers=WORKERS, env=s3_server.env()), **flags)
+        with pytest.raises(StorageError, match=f"cannot write them to {run}"):
+            trainer.fit(ClassifierModel(), *_loaders())
+    # Reading: a checkpoint to resume from.
+    trainer = _trainer(tmp_path, s3_server.env(), backend=backend, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
+    with pytest.raises(StorageError, match=rf"ckpt_path={run}/last.ckpt: backend '{backend}' .* cannot read"):
+        trainer.fit(ClassifierModel(), *_loaders(), ckpt_path=f"{run}/last.ckpt")
+    assert not (tmp_path / "fit-rank0.json").exists(), "no training started"
+    assert not s3_server.filesystem().find(bucket) and _nothing_written_locally(tmp_path)
+    assert_released()
+
+
+class SavesToAURL(ClassifierModel):
+    """Saves a checkpoint by hand, from inside training, where no check before the launch could see the URL."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = url
+
+    def on_train_epoch_end(self) -> None:
+        self.trainer.save_checkpoint(self.url)
+
+
+@pytest.mark.parametrize("backend", LOCAL_FILE_CHECKPOINTS)
+def test_a_checkpoint_url_saved_from_inside_training_fails_the_fit_instead_of_landing_locally(
+    s3_server: S3Server, bucket: str, tmp_path: Path, backend: str
+) -> None:
+    url = f"s3://{bucket}/by-hand.ckpt"
+    strategy = get_strategy(backend, workers=WORKERS, env=s3_server.env())
+    trainer = pl.Trainer(strategy=strategy, max_epochs=1, enable_checkpointing=False, logger=False)
+    with pytest.raises(WorkerError, match=f"cannot write them to {url}"):
+        trainer.fit(SavesToAURL(url), *_loaders())
+    assert not s3_server.filesystem().find(bucket) and _nothing_written_locally(tmp_path)
+    assert_released()
+
+
+def test_fsdp_logs_to_the_bucket_with_checkpoints_on_a_local_path(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    # What the refusal above tells users to do: the logger keeps the URL, the checkpoints go to a path.
+    logger = CSVLogger(save_dir=f"s3://{bucket}/logs", name="csv", version=0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = _trainer(tmp_path, s3_server.env(), backend="fsdp", callbacks=[checkpoint], logger=logger)
+    trainer.fit(ClassifierModel(), *_loaders())
+    assert Path(trainer.checkpoint_callback.last_model_path).is_dir(), "a distributed checkpoint, on the local path"
+    assert "val_loss" in s3_server.filesystem().cat_file(f"{bucket}/logs/csv/version_0/metrics.csv").decode()
+    trainer.strategy.release_workers()
     assert_released()

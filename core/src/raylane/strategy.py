@@ -126,6 +126,10 @@ class RayStrategyMixin(_lightning.LauncherSlot):
     lightning: ClassVar[ModuleType | None] = None
     """The Lightning namespace module this class is built for; ``None`` on the namespace-free class a backend writes."""
     lightning_base: ClassVar[LightningBase | None] = None
+    checkpoints_to_urls: ClassVar[bool] = True
+    """Whether checkpoints can go to, and come from, a URL (``s3://...``) as Lightning's checkpoint IO writes them.
+    A backend whose checkpoints are written with local-file APIs (torch's distributed checkpoint, DeepSpeed's) sets
+    it False: raylane then refuses such URLs before any worker starts, instead of losing the checkpoints."""
     launch_options: LaunchOptions
     backend_options: dict[str, Any]
     cluster_environment: Any

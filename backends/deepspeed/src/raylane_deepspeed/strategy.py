@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from raylane import storage
 from raylane.errors import ConfigurationError
 from raylane.strategy import DRIVER_CHECKPOINT_WARNING, RayClusterEnvironment, RayStrategyMixin
 from raylane_deepspeed.config import (
@@ -48,6 +49,9 @@ class RayDeepSpeedStrategy(RayStrategyMixin, lightning_base="DeepSpeedStrategy")
     """
 
     backend_name: ClassVar[str] = "deepspeed"
+    # DeepSpeed's engine saves and loads a directory of per-rank files through local paths: an s3:// URL would become
+    # a local folder named "s3:". (On the driver, after fit, trainer.save_checkpoint writes one ordinary file, below.)
+    checkpoints_to_urls: ClassVar[bool] = False
     strategy_name = "ray_deepspeed"
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
@@ -124,12 +128,18 @@ class RayDeepSpeedStrategy(RayStrategyMixin, lightning_base="DeepSpeedStrategy")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.worker_context is not None:
+            # Also trainer.save_checkpoint(url) in a callback, past the check before launch.
+            storage.refuse_checkpoint_url(self.backend_name, filepath)
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         # trainer.save_checkpoint on the driver, after fit: no DeepSpeed engine lives here, so the weights and
         # progress go into one ordinary Lightning checkpoint file (the optimizer state stayed on the workers).
         warnings.warn(DRIVER_CHECKPOINT_WARNING, UserWarning, stacklevel=2)
         self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        storage.refuse_checkpoint_url(self.backend_name, checkpoint_path, reading=True)
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[no-any-return]
 
     def state_dict_for_driver(self) -> dict[str, Any]:
         """The full weights on rank 0 (other ranks return an empty dict under ZeRO-3).

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from raylane import _lightning
+from raylane import _lightning, storage
 from raylane.errors import ConfigurationError
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_fsdp.options import FSDPConfig, parse_options
@@ -37,6 +37,9 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
 
     backend_name: ClassVar[str] = "fsdp"
     strategy_name = "ray_fsdp"
+    # Lightning's ModelParallelStrategy saves and loads through a local Path (torch's distributed checkpoint, or
+    # torch.save): an s3:// URL would become a local folder named "s3:".
+    checkpoints_to_urls: ClassVar[bool] = False
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
         fsdp_options = self.init_ray_options({"workers": workers, **options})
@@ -97,6 +100,15 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
         if context.world_size != self.fsdp_config.workers:  # an elastic run (workers=(min, max)) on another count
             self.fsdp_config = dataclasses.replace(self.fsdp_config, workers=context.world_size)
             _lightning.set_data_parallel_size(self, self.fsdp_config.data_parallel)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        # Also trainer.save_checkpoint(url) in a callback, past the check before launch.
+        storage.refuse_checkpoint_url(self.backend_name, filepath)
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        storage.refuse_checkpoint_url(self.backend_name, checkpoint_path, reading=True)
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[no-any-return]
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
