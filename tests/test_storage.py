@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ def _weights_in(s3_server: S3Server, url: str) -> dict[str, torch.Tensor]:
         return torch.load(checkpoint, weights_only=False)["state_dict"]
 
 
+def _checkpoint_weights(s3_server: S3Server, url: str, scratch: Path) -> dict[str, torch.Tensor]:
+    """The weights of the checkpoint at ``url``: one file, or the fsdp backend's folder of shards."""
+    store = s3_server.filesystem()
+    if store.isfile(url):
+        return _weights_in(s3_server, url)
+    from raylane_fsdp.checkpoint import load_full_checkpoint
+
+    local = scratch / "downloaded" / Path(url).name
+    store.get(url.removeprefix("s3://").rstrip("/") + "/", str(local) + "/", recursive=True)
+    return load_full_checkpoint(local)["state_dict"]  # type: ignore[no-any-return]
+
+
 def _started_from(report_dir: Path) -> float:
     """The sum of rank 0's weights when its (last) fit started: after Lightning restored any checkpoint."""
     return json.loads((report_dir / "fit-rank0.json").read_text())["initial_weight_sum"]
@@ -107,8 +120,9 @@ def test_checkpoints_and_logs_land_in_the_bucket_and_ckpt_path_resumes_from_it(
     assert_released()
 
 
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
 def test_a_killed_rank_restarts_the_fit_from_the_bucket(
-    s3_server: S3Server, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    s3_server: S3Server, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, backend: str
 ) -> None:
     directory = f"s3://{bucket}/ckpt"
     model = ClassifierModel(
@@ -119,13 +133,15 @@ def test_a_killed_rank_restarts_the_fit_from_the_bucket(
         report_dir=str(tmp_path),
     )
     every_epoch = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)
-    trainer = _trainer(tmp_path, s3_server.env(), max_epochs=3, max_failures=1, callbacks=[every_epoch])
+    trainer = _trainer(
+        tmp_path, s3_server.env(), max_epochs=3, backend=backend, max_failures=1, callbacks=[every_epoch]
+    )
     with caplog.at_level(logging.WARNING, logger="raylane"):
         trainer.fit(model, *_loaders())
     assert (tmp_path / "failed-once").exists(), "the failure was injected"
     resumed_from = f"{directory}/epoch=1-step={2 * STEPS_PER_EPOCH}.ckpt"
     assert any(f"restarting fit from {resumed_from}" in record.getMessage() for record in caplog.records)
-    weights = _weights_in(s3_server, resumed_from)["layer.weight"]
+    weights = _checkpoint_weights(s3_server, resumed_from, tmp_path)["layer.weight"]
     assert _started_from(tmp_path) == pytest.approx(float(weights.double().sum()), abs=1e-5)
     assert trainer.current_epoch == 3 and trainer.global_step == 3 * STEPS_PER_EPOCH
     trainer.strategy.release_workers()
@@ -180,9 +196,9 @@ def test_a_failing_rank_names_no_credential(s3_server: S3Server, bucket: str, tm
     assert_released()
 
 
-# Backends whose checkpoints are written with local-file APIs (torch's distributed checkpoint, DeepSpeed's engine):
-# Lightning's checkpoint IO, which writes to URLs, is not on their path.
-LOCAL_FILE_CHECKPOINTS = ["fsdp", "deepspeed"]
+# Backends whose checkpoints are written with local-file APIs (DeepSpeed's engine): Lightning's checkpoint IO, which
+# writes to URLs, is not on their path.
+LOCAL_FILE_CHECKPOINTS = ["deepspeed"]
 
 
 def _nothing_written_locally(tmp_path: Path) -> bool:
@@ -237,15 +253,39 @@ def test_a_checkpoint_url_saved_from_inside_training_fails_the_fit_instead_of_la
     assert_released()
 
 
-def test_fsdp_logs_to_the_bucket_with_checkpoints_on_a_local_path(
-    s3_server: S3Server, bucket: str, tmp_path: Path
+@pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
+def test_fsdp_checkpoints_land_in_the_bucket_and_ckpt_path_resumes_from_it(
+    s3_server: S3Server, bucket: str, tmp_path: Path, state_dict_type: str
 ) -> None:
-    # What the refusal above tells users to do: the logger keeps the URL, the checkpoints go to a path.
-    logger = CSVLogger(save_dir=f"s3://{bucket}/logs", name="csv", version=0)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    trainer = _trainer(tmp_path, s3_server.env(), backend="fsdp", callbacks=[checkpoint], logger=logger)
-    trainer.fit(ClassifierModel(), *_loaders())
-    assert Path(trainer.checkpoint_callback.last_model_path).is_dir(), "a distributed checkpoint, on the local path"
-    assert "val_loss" in s3_server.filesystem().cat_file(f"{bucket}/logs/csv/version_0/metrics.csv").decode()
+    # torch's distributed checkpoint writes through local paths: every rank stages its shards and uploads them.
+    run = f"s3://{bucket}/run"
+    checkpoint = ModelCheckpoint(dirpath=f"{run}/ckpt", monitor="val_loss", save_top_k=1, save_last=True)
+    model = ClassifierModel(optimizer="adam")
+    options = {"backend": "fsdp", "state_dict_type": state_dict_type}
+    trainer = _trainer(tmp_path, s3_server.env(), callbacks=[checkpoint], **options)
+    trainer.fit(model, *_loaders())
+
+    last, best = trainer.checkpoint_callback.last_model_path, trainer.checkpoint_callback.best_model_path
+    assert last == f"{run}/ckpt/last.ckpt" and best.startswith(f"{run}/ckpt/epoch="), (last, best)
+    store = s3_server.filesystem()
+    kept = {Path(key).relative_to(f"{bucket}/run/ckpt").parts[0] for key in store.find(f"{bucket}/run/ckpt")}
+    assert kept == {Path(best).name, "last.ckpt"}, f"the earlier best checkpoint's objects were removed: {kept}"
+    if state_dict_type == "sharded":
+        shards = sorted(Path(key).name for key in store.find(last))
+        assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"], shards
+    else:
+        assert store.isfile(last)
+    saved = _checkpoint_weights(s3_server, last, tmp_path)
+    torch.testing.assert_close(saved["layer.weight"], model.layer.weight)
+    assert _nothing_written_locally(tmp_path)
+    assert not list(Path(tempfile.gettempdir()).glob("raylane-fsdp-checkpoint-*")), "a staging folder was left"
+
+    # A new Trainer and a new model, resumed from the URL on the workers: one epoch on from the bucket's weights.
+    torch.manual_seed(1)
+    resumed = ClassifierModel(optimizer="adam", report_dir=str(tmp_path))
+    trainer = _trainer(tmp_path, s3_server.env(), max_epochs=3, **options)
+    trainer.fit(resumed, *_loaders(), ckpt_path=last)
+    assert _started_from(tmp_path) == pytest.approx(float(model.layer.weight.detach().double().sum()), abs=1e-5)
+    assert trainer.current_epoch == 3 and trainer.global_step == 3 * STEPS_PER_EPOCH
     trainer.strategy.release_workers()
     assert_released()

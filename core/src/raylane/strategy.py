@@ -128,8 +128,9 @@ class RayStrategyMixin(_lightning.LauncherSlot):
     lightning_base: ClassVar[LightningBase | None] = None
     checkpoints_to_urls: ClassVar[bool] = True
     """Whether checkpoints can go to, and come from, a URL (``s3://...``) as Lightning's checkpoint IO writes them.
-    A backend whose checkpoints are written with local-file APIs (torch's distributed checkpoint, DeepSpeed's) sets
-    it False: raylane then refuses such URLs before any worker starts, instead of losing the checkpoints."""
+    A backend whose checkpoints are written with local-file APIs (DeepSpeed's engine) sets it False: raylane then
+    refuses such URLs before any worker starts, instead of losing the checkpoints. (The fsdp backend stages its
+    checkpoints in a local folder and uploads them instead.)"""
     launch_options: LaunchOptions
     backend_options: dict[str, Any]
     cluster_environment: Any

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import uuid
 import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from raylane import _lightning, storage
+from raylane import _lightning, relay, storage
 from raylane.errors import ConfigurationError
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
+from raylane_fsdp import object_storage
 from raylane_fsdp.options import FSDPConfig, parse_options
 from raylane_fsdp.sharding import describe_missing, is_sharded, materialize, missing_module_names, shard_model
 
@@ -37,9 +39,6 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
 
     backend_name: ClassVar[str] = "fsdp"
     strategy_name = "ray_fsdp"
-    # Lightning's ModelParallelStrategy saves and loads through a local Path (torch's distributed checkpoint, or
-    # torch.save): an s3:// URL would become a local folder named "s3:".
-    checkpoints_to_urls: ClassVar[bool] = False
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
         fsdp_options = self.init_ray_options({"workers": workers, **options})
@@ -102,13 +101,54 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
             _lightning.set_data_parallel_size(self, self.fsdp_config.data_parallel)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        # Also trainer.save_checkpoint(url) in a callback, past the check before launch.
-        storage.refuse_checkpoint_url(self.backend_name, filepath)
-        super().save_checkpoint(checkpoint, filepath, storage_options)
+        # Lightning's ModelParallelStrategy writes through a local Path: a URL goes through a staging folder.
+        if not storage.is_remote(filepath):
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        token = self._staging_token()
+        local = object_storage.local_copy(str(filepath), token)
+        try:
+            # Lightning's save itself: the mixin's would tell the driver the staging path, not the URL.
+            super(RayStrategyMixin, self).save_checkpoint(checkpoint, local, storage_options)  # type: ignore[misc]
+            self.barrier("raylane_fsdp_saved")  # every rank wrote; rank 0's metadata names all the shards
+            if self.is_global_zero:
+                object_storage.clear(str(filepath))
+            self.barrier("raylane_fsdp_cleared")
+            if self.local_rank == 0:
+                object_storage.upload(local, str(filepath))
+            self.barrier("raylane_fsdp_uploaded")  # whole before anyone names it (ModelCheckpoint, a restart)
+        finally:
+            if self.local_rank == 0:
+                object_storage.remove_staging(token)
+        if self.ray_environment.global_rank() == 0:  # as the mixin's save does: a restart resumes from the URL
+            relay.send(relay.CHECKPOINT_SAVED, str(filepath))
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        storage.refuse_checkpoint_url(self.backend_name, checkpoint_path, reading=True)
-        return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[no-any-return]
+        if not storage.is_remote(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[no-any-return]
+        token = self._staging_token()
+        local = object_storage.local_copy(str(checkpoint_path), token)
+        try:
+            if self.local_rank == 0:  # once per node; a resume on another world size may need any shard
+                object_storage.download(str(checkpoint_path), local)
+            self.barrier("raylane_fsdp_downloaded")
+            loaded = super().load_checkpoint(local, *args, **kwargs)
+            self.barrier("raylane_fsdp_loaded")
+            return loaded  # type: ignore[no-any-return]
+        finally:
+            if self.local_rank == 0:
+                object_storage.remove_staging(token)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        # A replaced best checkpoint: at a URL, a folder of shards is a set of objects (object_storage.clear).
+        if not storage.is_remote(filepath):
+            super().remove_checkpoint(filepath)
+        elif self.is_global_zero:
+            object_storage.clear(str(filepath))
+
+    def _staging_token(self) -> str:
+        """The same on every rank, so every node stages at the path Lightning broadcasts from rank 0."""
+        return str(self.broadcast(uuid.uuid4().hex))
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
