@@ -229,30 +229,6 @@ def test_a_backend_with_local_file_checkpoints_refuses_checkpoint_urls_before_tr
     assert_released()
 
 
-class SavesToAURL(ClassifierModel):
-    """Saves a checkpoint by hand, from inside training, where no check before the launch could see the URL."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        self.url = url
-
-    def on_train_epoch_end(self) -> None:
-        self.trainer.save_checkpoint(self.url)
-
-
-@pytest.mark.parametrize("backend", LOCAL_FILE_CHECKPOINTS)
-def test_a_checkpoint_url_saved_from_inside_training_fails_the_fit_instead_of_landing_locally(
-    s3_server: S3Server, bucket: str, tmp_path: Path, backend: str
-) -> None:
-    url = f"s3://{bucket}/by-hand.ckpt"
-    strategy = get_strategy(backend, workers=WORKERS, env=s3_server.env())
-    trainer = pl.Trainer(strategy=strategy, max_epochs=1, enable_checkpointing=False, logger=False)
-    with pytest.raises(WorkerError, match=f"cannot write them to {url}"):
-        trainer.fit(SavesToAURL(url), *_loaders())
-    assert not s3_server.filesystem().find(bucket) and _nothing_written_locally(tmp_path)
-    assert_released()
-
-
 @pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
 def test_fsdp_checkpoints_land_in_the_bucket_and_ckpt_path_resumes_from_it(
     s3_server: S3Server, bucket: str, tmp_path: Path, state_dict_type: str
