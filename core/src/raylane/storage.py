@@ -62,10 +62,7 @@ def find_targets(trainer: pl.Trainer, ckpt_path: object = None) -> StorageTarget
     write += [str(cb.dirpath) for cb in trainer.callbacks if isinstance(cb, checkpoint_callback) and cb.dirpath]
     write += [str(logger.save_dir) for logger in trainer.loggers if logger.save_dir]
     read = [str(ckpt_path)] if ckpt_path is not None else []
-    return StorageTargets(
-        write=tuple(dict.fromkeys(url for url in write if is_remote(url))),
-        read=tuple(dict.fromkeys(url for url in read if is_remote(url))),
-    )
+    return StorageTargets(write=_remote(write), read=_remote(read))
 
 
 def checkpoint_targets(trainer: pl.Trainer, ckpt_path: object = None) -> StorageTargets:
@@ -77,10 +74,7 @@ def checkpoint_targets(trainer: pl.Trainer, ckpt_path: object = None) -> Storage
     default = (logger.save_dir if logger is not None else None) or trainer.default_root_dir
     write = [str(cb.dirpath or default) for cb in trainer.callbacks if isinstance(cb, checkpoint_callback)]
     read = [str(ckpt_path)] if ckpt_path is not None else []
-    return StorageTargets(
-        write=tuple(dict.fromkeys(url for url in write if is_remote(url))),
-        read=tuple(dict.fromkeys(url for url in read if is_remote(url))),
-    )
+    return StorageTargets(write=_remote(write), read=_remote(read))
 
 
 def refuse_checkpoint_urls(backend: str, targets: StorageTargets) -> None:
@@ -110,6 +104,11 @@ def refuse_checkpoint_url(backend: str, url: object, reading: bool = False) -> N
         "to object storage yourself; loggers may keep writing to the URL. Backends whose checkpoints go through "
         "Lightning's checkpoint IO (ddp, for one) write to object storage directly."
     )
+
+
+def _remote(urls: list[str]) -> tuple[str, ...]:
+    """The remote ones of ``urls``, each once, in order."""
+    return tuple(dict.fromkeys(url for url in urls if is_remote(url)))
 
 
 def check_targets(targets: StorageTargets, timeout_s: float = CHECK_TIMEOUT_S) -> None:

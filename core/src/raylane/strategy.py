@@ -296,10 +296,17 @@ class RayStrategyMixin(_lightning.LauncherSlot):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.ray_environment.context is None and checkpoint.get("optimizer_states") == []:
             warnings.warn(DRIVER_CHECKPOINT_WARNING, UserWarning, stacklevel=2)
-        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+        self.write_checkpoint(checkpoint, filepath, storage_options)
         # Tell the driver where the newest checkpoint is, so it can restart a failed fit from it (max_failures).
         if self.ray_environment.global_rank() == 0:
             relay.send(relay.CHECKPOINT_SAVED, str(filepath))
+
+    def write_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        """Write one checkpoint to ``filepath``, on every rank (and on the driver for its ``trainer.save_checkpoint``).
+
+        The Lightning strategy's own save by default. A backend whose Lightning strategy saves through local paths
+        only overrides it to take URLs too (the fsdp backend stages the files and uploads them)."""
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
 
 _BUILT: dict[tuple[type, str], type] = {}

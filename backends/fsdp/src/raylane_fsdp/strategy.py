@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from raylane import _lightning, relay, storage
+from raylane import _lightning, storage
 from raylane.errors import ConfigurationError
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_fsdp import object_storage
@@ -100,16 +100,15 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
             self.fsdp_config = dataclasses.replace(self.fsdp_config, workers=context.world_size)
             _lightning.set_data_parallel_size(self, self.fsdp_config.data_parallel)
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+    def write_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         # Lightning's ModelParallelStrategy writes through a local Path: a URL goes through a staging folder.
         if not storage.is_remote(filepath):
-            super().save_checkpoint(checkpoint, filepath, storage_options)
+            super().write_checkpoint(checkpoint, filepath, storage_options)
             return
         token = self._staging_token()
         local = object_storage.local_copy(str(filepath), token)
         try:
-            # Lightning's save itself: the mixin's would tell the driver the staging path, not the URL.
-            super(RayStrategyMixin, self).save_checkpoint(checkpoint, local, storage_options)  # type: ignore[misc]
+            super().write_checkpoint(checkpoint, local, storage_options)
             self.barrier("raylane_fsdp_saved")  # every rank wrote; rank 0's metadata names all the shards
             if self.is_global_zero:
                 object_storage.clear(str(filepath))
@@ -120,8 +119,6 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
         finally:
             if self.local_rank == 0:
                 object_storage.remove_staging(token)
-        if self.ray_environment.global_rank() == 0:  # as the mixin's save does: a restart resumes from the URL
-            relay.send(relay.CHECKPOINT_SAVED, str(filepath))
 
     def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if not storage.is_remote(checkpoint_path):

@@ -242,9 +242,7 @@ class ResultsConformance(ConformanceBase):
         trainer = self.trainer(tmp_path, max_epochs=1)  # warm by default
         trainer.fit(model, make_loader(8))
         trainer.test(model, make_loader(8))
-        fit_pids = sorted(json.loads(p.read_text())["pid"] for p in tmp_path.glob("fit-rank*.json"))
-        test_pids = sorted(json.loads(p.read_text())["pid"] for p in tmp_path.glob("test-rank*.json"))
-        assert fit_pids == test_pids, "test() after fit() runs on the same warm actors"
+        assert _pids(tmp_path, "fit") == _pids(tmp_path, "test"), "test() after fit() runs on the same warm actors"
         trainer.strategy.release_workers()  # type: ignore[attr-defined]
         assert_released()
 
@@ -262,7 +260,7 @@ class ResultsConformance(ConformanceBase):
             torch.manual_seed(5)
             trainer = self.trainer(tmp_path / run, enable_checkpointing=False)
             trainer.fit(model, make_loader(8), validation_loader())
-            pids.append(sorted(json.loads(p.read_text())["pid"] for p in (tmp_path / run).glob("fit-rank*.json")))
+            pids.append(_pids(tmp_path / run, "fit"))
             weights.append(weights_of(model))
         assert pids[1] == pids[0], "the later Trainer trained on the earlier one's idle workers"
         assert_same_weights(weights[1], weights[0], atol=self.weight_tolerance, what=f"{self.backend}, reused workers")
@@ -472,6 +470,11 @@ class FailureConformance(ConformanceBase):
         )
         release_idle_workers()  # both Trainers' (the second is dropped already): nothing else may be left
         assert_released()
+
+
+def _pids(report_dir: Path, stage: str) -> list[int]:
+    """The worker processes that ran ``stage`` (ClassifierModel's per-rank reports), sorted."""
+    return sorted(json.loads(path.read_text())["pid"] for path in report_dir.glob(f"{stage}-rank*.json"))
 
 
 class BackendConformance(ResultsConformance, FailureConformance):
