@@ -177,7 +177,7 @@ def backend(session: nox.Session, name: str) -> None:
     """One backend alone (with ddp, the reference its cross-backend equivalence tests compare against): its own tests,
     which include the core's conformance suite, and the examples that need what only this session builds."""
     reference = [] if name == "ddp" else ["-e", "backends/ddp"]  # ddp is light: torch and Lightning only
-    _install_core(session, "-e", f"backends/{name}", *reference)
+    _install_core(session, "-e", f"backends/{name}", *reference, *S3_TESTING)  # a backend's own checkpoints in a bucket
     if (ROOT / "backends" / name / "nox_prepare.py").is_file():  # what the backend needs beyond pip (a build)
         session.install("pip")  # the build drives pip, which a uv environment lacks
         # A build step, not training: importing raylane must not start a Ray beside it.

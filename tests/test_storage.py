@@ -18,6 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
 from raylane import StorageError, WorkerError, get_strategy
+from raylane.staged_checkpoints import STAGING_PREFIX
 from raylane.testing import ClassifierModel, assert_released, make_loader
 from raylane.testing.s3 import S3Server
 
@@ -70,8 +71,7 @@ def _checkpoint_weights(s3_server: S3Server, url: str, scratch: Path) -> dict[st
         return _weights_in(s3_server, url)
     from raylane_fsdp.checkpoint import load_full_checkpoint
 
-    local = scratch / "downloaded" / Path(url).name
-    store.get(url.removeprefix("s3://").rstrip("/") + "/", str(local) + "/", recursive=True)
+    local = s3_server.download(url, scratch / "downloaded" / Path(url).name)
     return load_full_checkpoint(local)["state_dict"]  # type: ignore[no-any-return]
 
 
@@ -196,37 +196,8 @@ def test_a_failing_rank_names_no_credential(s3_server: S3Server, bucket: str, tm
     assert_released()
 
 
-# Backends whose checkpoints are written with local-file APIs (DeepSpeed's engine): Lightning's checkpoint IO, which
-# writes to URLs, is not on their path.
-LOCAL_FILE_CHECKPOINTS = ["deepspeed"]
-
-
 def _nothing_written_locally(tmp_path: Path) -> bool:
     return not list(Path.cwd().glob("s3:*")) and not list(tmp_path.rglob("s3:*"))
-
-
-@pytest.mark.parametrize("backend", LOCAL_FILE_CHECKPOINTS)
-def test_a_backend_with_local_file_checkpoints_refuses_checkpoint_urls_before_training(
-    s3_server: S3Server, bucket: str, tmp_path: Path, backend: str
-) -> None:
-    # Writing: the checkpoints would have gone to a local folder named "s3:" on each worker, and the driver would
-    # have named s3:// checkpoints the bucket never got.
-    run = f"s3://{bucket}/run"
-    trainer = _trainer(tmp_path, s3_server.env(), backend=backend, callbacks=[ModelCheckpoint(dirpath=f"{run}/ckpt")])
-    with pytest.raises(StorageError, match=rf"backend '{backend}' .* cannot write them to {run}/ckpt.*local path"):
-        trainer.fit(ClassifierModel(report_dir=str(tmp_path)), *_loaders())
-    # Without a dirpath, Lightning puts the checkpoints under the logger's save_dir, or under default_root_dir.
-    for flags in ({"logger": CSVLogger(save_dir=run)}, {"default_root_dir": run}):
-        trainer = pl.Trainer(strategy=get_strategy(backend, workers=WORKERS, env=s3_server.env()), **flags)
-        with pytest.raises(StorageError, match=f"cannot write them to {run}"):
-            trainer.fit(ClassifierModel(), *_loaders())
-    # Reading: a checkpoint to resume from.
-    trainer = _trainer(tmp_path, s3_server.env(), backend=backend, callbacks=[ModelCheckpoint(dirpath=tmp_path)])
-    with pytest.raises(StorageError, match=rf"ckpt_path={run}/last.ckpt: backend '{backend}' .* cannot read"):
-        trainer.fit(ClassifierModel(), *_loaders(), ckpt_path=f"{run}/last.ckpt")
-    assert not (tmp_path / "fit-rank0.json").exists(), "no training started"
-    assert not s3_server.filesystem().find(bucket) and _nothing_written_locally(tmp_path)
-    assert_released()
 
 
 @pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
@@ -243,9 +214,9 @@ def test_fsdp_checkpoints_land_in_the_bucket_and_ckpt_path_resumes_from_it(
 
     last, best = trainer.checkpoint_callback.last_model_path, trainer.checkpoint_callback.best_model_path
     assert last == f"{run}/ckpt/last.ckpt" and best.startswith(f"{run}/ckpt/epoch="), (last, best)
-    store = s3_server.filesystem()
-    kept = {Path(key).relative_to(f"{bucket}/run/ckpt").parts[0] for key in store.find(f"{bucket}/run/ckpt")}
+    kept = s3_server.names_under(f"{run}/ckpt")
     assert kept == {Path(best).name, "last.ckpt"}, f"the earlier best checkpoint's objects were removed: {kept}"
+    store = s3_server.filesystem()
     if state_dict_type == "sharded":
         shards = sorted(Path(key).name for key in store.find(last))
         assert shards == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"], shards
@@ -254,7 +225,7 @@ def test_fsdp_checkpoints_land_in_the_bucket_and_ckpt_path_resumes_from_it(
     saved = _checkpoint_weights(s3_server, last, tmp_path)
     torch.testing.assert_close(saved["layer.weight"], model.layer.weight)
     assert _nothing_written_locally(tmp_path)
-    assert not list(Path(tempfile.gettempdir()).glob("raylane-fsdp-checkpoint-*")), "a staging folder was left"
+    assert not list(Path(tempfile.gettempdir()).glob(f"{STAGING_PREFIX}*")), "a staging folder was left"
 
     # A new Trainer and a new model, resumed from the URL on the workers: one epoch on from the bucket's weights.
     torch.manual_seed(1)

@@ -18,7 +18,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-from raylane import ConfigurationError, WorkerError, get_strategy
+from raylane import ConfigurationError, get_strategy
 from raylane.testing import ClassifierModel, ensure_local_ray, make_dataset
 from raylane.testing.equivalence import (
     QUIET,
@@ -115,27 +115,3 @@ def test_clipping_by_value_is_rejected_before_any_actor_starts(tmp_path: Path) -
     trainer = ray_trainer(tmp_path, {}, gradient_clip_val=1.0, gradient_clip_algorithm="value")
     with pytest.raises(ConfigurationError, match="clips gradients by norm only"):
         trainer.fit(ClassifierModel(), distributed_loader(make_dataset(), GLOBAL_BATCH, WORKERS), validation_loader())
-
-
-class SavesToAURL(ClassifierModel):
-    """Saves a checkpoint by hand, from inside training, where no check before the launch could see the URL."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__()
-        self.url = url
-
-    def on_train_epoch_end(self) -> None:
-        self.trainer.save_checkpoint(self.url)
-
-
-def test_a_checkpoint_url_saved_from_inside_training_fails_the_fit_instead_of_landing_locally(tmp_path: Path) -> None:
-    # DeepSpeed's engine writes through local paths: the URL would become a folder named "s3:" where the workers run.
-    # Refused before anything is written, so no store is needed (a URL saved from a ModelCheckpoint, which is refused
-    # before any worker starts, is in tests/test_storage.py, against a real S3 server).
-    url = "s3://raylane-never-written/by-hand.ckpt"
-    trainer = pl.Trainer(
-        strategy=get_strategy("deepspeed", workers=WORKERS), max_epochs=1, enable_checkpointing=False, logger=False
-    )
-    with pytest.raises(WorkerError, match=f"cannot write them to {url}"):
-        trainer.fit(SavesToAURL(url), distributed_loader(make_dataset(), GLOBAL_BATCH, WORKERS))
-    assert not list(Path.cwd().glob("s3:*")) and not list(tmp_path.rglob("s3:*")), "nothing was written locally"

@@ -78,9 +78,6 @@ class RayLauncher:
         options = self._strategy.launch_options
         check_trainer_flags(trainer, options.workers)
         self._strategy.check_before_launch(trainer)
-        if not self._strategy.checkpoints_to_urls:
-            ckpt_path = _lightning.ckpt_path_of(function, args, kwargs)
-            storage.refuse_checkpoint_urls(self._strategy.backend_name, storage.checkpoint_targets(trainer, ckpt_path))
         streams_ray_data = shards.check_entry_point_data(args, kwargs)  # a bare ray.data.Dataset fails here
         ensure_ray(options.workers * options.cpus_per_worker)
         host = backend_host(self._strategy.backend_name)

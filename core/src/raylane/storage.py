@@ -65,47 +65,6 @@ def find_targets(trainer: pl.Trainer, ckpt_path: object = None) -> StorageTarget
     return StorageTargets(write=_remote(write), read=_remote(read))
 
 
-def checkpoint_targets(trainer: pl.Trainer, ckpt_path: object = None) -> StorageTargets:
-    """*Driver.* The remote URLs checkpoints are written to (each checkpoint callback's ``dirpath``, or where
-    Lightning puts one without it: under the first logger's ``save_dir``, else under ``default_root_dir``) and read
-    from (``ckpt_path``). Reads attributes only."""
-    checkpoint_callback = _lightning.namespace_of(trainer).callbacks.ModelCheckpoint
-    logger = trainer.loggers[0] if trainer.loggers else None
-    default = (logger.save_dir if logger is not None else None) or trainer.default_root_dir
-    write = [str(cb.dirpath or default) for cb in trainer.callbacks if isinstance(cb, checkpoint_callback)]
-    read = [str(ckpt_path)] if ckpt_path is not None else []
-    return StorageTargets(write=_remote(write), read=_remote(read))
-
-
-def refuse_checkpoint_urls(backend: str, targets: StorageTargets) -> None:
-    """Raise :class:`StorageError` for the first checkpoint URL of ``targets``: ``backend`` writes and reads its
-    checkpoints with local-file APIs, which would take ``s3://bucket/run`` for a local folder named ``s3:``."""
-    for url in targets.write:
-        refuse_checkpoint_url(backend, url)
-    for url in targets.read:
-        refuse_checkpoint_url(backend, url, reading=True)
-
-
-def refuse_checkpoint_url(backend: str, url: object, reading: bool = False) -> None:
-    """Raise :class:`StorageError` if ``url`` is remote (see :func:`refuse_checkpoint_urls`)."""
-    if not is_remote(url):
-        return
-    if reading:
-        raise StorageError(
-            f"ckpt_path={url}: backend {backend!r} reads its checkpoints with local-file APIs and cannot read one "
-            "from object storage. Copy the checkpoint (all of it: it may be a directory of shards) to a local path, "
-            "or to a shared filesystem every node mounts, and pass that path."
-        )
-    raise StorageError(
-        f"backend {backend!r} writes its checkpoints with local-file APIs and cannot write them to {url}: they would "
-        f"land in a local folder named '{get_protocol(str(url))}:' on each worker, "
-        "and the run would name checkpoints the store never got. Give ModelCheckpoint(dirpath=...) a local path, or a "
-        "shared filesystem every node mounts (restarts on another node read it there), and copy finished checkpoints "
-        "to object storage yourself; loggers may keep writing to the URL. Backends whose checkpoints go through "
-        "Lightning's checkpoint IO (ddp, for one) write to object storage directly."
-    )
-
-
 def _remote(urls: list[str]) -> tuple[str, ...]:
     """The remote ones of ``urls``, each once, in order."""
     return tuple(dict.fromkeys(url for url in urls if is_remote(url)))

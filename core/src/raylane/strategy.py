@@ -126,11 +126,6 @@ class RayStrategyMixin(_lightning.LauncherSlot):
     lightning: ClassVar[ModuleType | None] = None
     """The Lightning namespace module this class is built for; ``None`` on the namespace-free class a backend writes."""
     lightning_base: ClassVar[LightningBase | None] = None
-    checkpoints_to_urls: ClassVar[bool] = True
-    """Whether checkpoints can go to, and come from, a URL (``s3://...``) as Lightning's checkpoint IO writes them.
-    A backend whose checkpoints are written with local-file APIs (DeepSpeed's engine) sets it False: raylane then
-    refuses such URLs before any worker starts, instead of losing the checkpoints. (The fsdp backend stages its
-    checkpoints in a local folder and uploads them instead.)"""
     launch_options: LaunchOptions
     backend_options: dict[str, Any]
     cluster_environment: Any
@@ -305,7 +300,7 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         """Write one checkpoint to ``filepath``, on every rank (and on the driver for its ``trainer.save_checkpoint``).
 
         The Lightning strategy's own save by default. A backend whose Lightning strategy saves through local paths
-        only overrides it to take URLs too (the fsdp backend stages the files and uploads them)."""
+        only takes URLs through :class:`raylane.staged_checkpoints.StagedURLCheckpoints`, which overrides it."""
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
 

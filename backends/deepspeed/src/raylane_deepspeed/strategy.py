@@ -3,7 +3,8 @@
 Lightning's strategy assumes CUDA devices and starts its own process group; on raylane the launcher assigns each
 worker its device and the backend's ``raylane_setup_process_group`` hook brings up the one group DeepSpeed wraps. So
 this class (through public Lightning hooks) skips the CUDA-only check on CPU workers, leaves the process group alone,
-and gathers ZeRO-3's partitioned parameters into full weights for the driver.
+and gathers ZeRO-3's partitioned parameters into full weights for the driver. The engine saves and loads a directory of
+per-rank files through local paths: checkpoint URLs pass through node-local staging (:mod:`raylane.staged_checkpoints`).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from raylane import storage
 from raylane.errors import ConfigurationError
+from raylane.staged_checkpoints import StagedURLCheckpoints
 from raylane.strategy import DRIVER_CHECKPOINT_WARNING, RayClusterEnvironment, RayStrategyMixin
 from raylane_deepspeed.config import (
     check_config,
@@ -41,7 +42,7 @@ LIGHTNING_ONLY = (
 )
 
 
-class RayDeepSpeedStrategy(RayStrategyMixin, lightning_base="DeepSpeedStrategy"):
+class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="DeepSpeedStrategy"):
     """DeepSpeed ZeRO (stage 1, 2 or 3, optional offload) across ``workers`` Ray actors.
 
     Build it with ``get_strategy("deepspeed", workers=N, stage=3, ...)``; the options are in
@@ -49,9 +50,6 @@ class RayDeepSpeedStrategy(RayStrategyMixin, lightning_base="DeepSpeedStrategy")
     """
 
     backend_name: ClassVar[str] = "deepspeed"
-    # DeepSpeed's engine saves and loads a directory of per-rank files through local paths: an s3:// URL would become
-    # a local folder named "s3:". (On the driver, after fit, trainer.save_checkpoint writes one ordinary file, below.)
-    checkpoints_to_urls: ClassVar[bool] = False
     strategy_name = "ray_deepspeed"
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
@@ -128,18 +126,12 @@ class RayDeepSpeedStrategy(RayStrategyMixin, lightning_base="DeepSpeedStrategy")
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.worker_context is not None:
-            # Also trainer.save_checkpoint(url) in a callback, past the check before launch.
-            storage.refuse_checkpoint_url(self.backend_name, filepath)
-            super().save_checkpoint(checkpoint, filepath, storage_options)
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # a URL goes through staging
             return
         # trainer.save_checkpoint on the driver, after fit: no DeepSpeed engine lives here, so the weights and
         # progress go into one ordinary Lightning checkpoint file (the optimizer state stayed on the workers).
         warnings.warn(DRIVER_CHECKPOINT_WARNING, UserWarning, stacklevel=2)
         self.checkpoint_io.save_checkpoint(checkpoint, filepath, storage_options=storage_options)
-
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        storage.refuse_checkpoint_url(self.backend_name, checkpoint_path, reading=True)
-        return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[no-any-return]
 
     def state_dict_for_driver(self) -> dict[str, Any]:
         """The full weights on rank 0 (other ranks return an empty dict under ZeRO-3).

@@ -4,24 +4,24 @@ What changes from Lightning's class: the ranks, device and process group are ray
 backend's ``raylane_setup_process_group`` hook, over gloo on CPU workers, which Lightning's FSDP1 strategy refuses);
 a LightningModule without ``configure_model`` is sharded automatically (:mod:`raylane_fsdp.sharding`); the sampler
 splits the data across the data-parallel ranks only (the ranks of one tensor-parallel group see the same batches);
-and the driver receives the full, unsharded weights, gathered to rank 0's CPU one parameter at a time.
+the driver receives the full, unsharded weights, gathered to rank 0's CPU one parameter at a time; and checkpoint URLs
+pass through node-local staging (:mod:`raylane.staged_checkpoints`), as Lightning's class saves through local paths.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import uuid
 import warnings
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from raylane import _lightning, storage
+from raylane import _lightning
 from raylane.errors import ConfigurationError
+from raylane.staged_checkpoints import StagedURLCheckpoints
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
-from raylane_fsdp import object_storage
 from raylane_fsdp.options import FSDPConfig, parse_options
 from raylane_fsdp.sharding import describe_missing, is_sharded, materialize, missing_module_names, shard_model
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from raylane.context import WorkerContext
 
 
-class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
+class RayFSDPStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="ModelParallelStrategy"):
     """Parameters, gradients and optimizer state sharded across ``workers`` Ray actors (torch FSDP2), optionally with
     tensor parallelism. Build it with ``get_strategy("fsdp", workers=N, ...)``."""
 
@@ -99,53 +99,6 @@ class RayFSDPStrategy(RayStrategyMixin, lightning_base="ModelParallelStrategy"):
         if context.world_size != self.fsdp_config.workers:  # an elastic run (workers=(min, max)) on another count
             self.fsdp_config = dataclasses.replace(self.fsdp_config, workers=context.world_size)
             _lightning.set_data_parallel_size(self, self.fsdp_config.data_parallel)
-
-    def write_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
-        # Lightning's ModelParallelStrategy writes through a local Path: a URL goes through a staging folder.
-        if not storage.is_remote(filepath):
-            super().write_checkpoint(checkpoint, filepath, storage_options)
-            return
-        token = self._staging_token()
-        local = object_storage.local_copy(str(filepath), token)
-        try:
-            super().write_checkpoint(checkpoint, local, storage_options)
-            self.barrier("raylane_fsdp_saved")  # every rank wrote; rank 0's metadata names all the shards
-            if self.is_global_zero:
-                object_storage.clear(str(filepath))
-            self.barrier("raylane_fsdp_cleared")
-            if self.local_rank == 0:
-                object_storage.upload(local, str(filepath))
-            self.barrier("raylane_fsdp_uploaded")  # whole before anyone names it (ModelCheckpoint, a restart)
-        finally:
-            if self.local_rank == 0:
-                object_storage.remove_staging(token)
-
-    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        if not storage.is_remote(checkpoint_path):
-            return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[no-any-return]
-        token = self._staging_token()
-        local = object_storage.local_copy(str(checkpoint_path), token)
-        try:
-            if self.local_rank == 0:  # once per node; a resume on another world size may need any shard
-                object_storage.download(str(checkpoint_path), local)
-            self.barrier("raylane_fsdp_downloaded")
-            loaded = super().load_checkpoint(local, *args, **kwargs)
-            self.barrier("raylane_fsdp_loaded")
-            return loaded  # type: ignore[no-any-return]
-        finally:
-            if self.local_rank == 0:
-                object_storage.remove_staging(token)
-
-    def remove_checkpoint(self, filepath: Any) -> None:
-        # A replaced best checkpoint: at a URL, a folder of shards is a set of objects (object_storage.clear).
-        if not storage.is_remote(filepath):
-            super().remove_checkpoint(filepath)
-        elif self.is_global_zero:
-            object_storage.clear(str(filepath))
-
-    def _staging_token(self) -> str:
-        """The same on every rank, so every node stages at the path Lightning broadcasts from rank 0."""
-        return str(self.broadcast(uuid.uuid4().hex))
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:

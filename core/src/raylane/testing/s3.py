@@ -71,6 +71,21 @@ class S3Server:
             skip_instance_cache=True,
         )
 
+    def names_under(self, url: str) -> set[str]:
+        """The first path part of every object under ``url`` (for ``s3://bucket/run/ckpt``, the checkpoints there).
+        Read from the objects, not the listing: SeaweedFS lists a folder after its last object is removed."""
+        prefix = url.removeprefix("s3://").rstrip("/")
+        return {Path(key).relative_to(prefix).parts[0] for key in self.filesystem().find(prefix)}
+
+    def download(self, url: str, local: Path) -> Path:
+        """The object, or folder of objects, at ``url``, copied to ``local``; returns ``local``."""
+        store, remote = self.filesystem(), url.removeprefix("s3://").rstrip("/")
+        if store.isfile(remote):
+            store.get_file(remote, str(local))
+        else:
+            store.get(remote + "/", str(local) + "/", recursive=True)
+        return local
+
     def create_bucket(self, prefix: str = "raylane") -> str:
         """A new, empty bucket with a unique name; returns the name."""
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
