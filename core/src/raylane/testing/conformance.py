@@ -70,11 +70,23 @@ class ConformanceBase:
     weight_tolerance: ClassVar[float] = 1e-6
 
     @pytest.fixture(autouse=True)
-    def _ray(self) -> Iterator[None]:
+    def _ray(self) -> None:
+        # A test's dropped Trainer leaves its idle workers to the next test's Trainer of the same shape, as a script's
+        # leaves them to its next one: most tests run on warm workers, as users' later Trainers do.
         ensure_local_ray()
-        yield
-        gc.collect()  # Trainers nothing references leave their idle workers to the next Trainer...
-        release_idle_workers()  # ...so each test would start on the last one's: every test starts fresh instead
+
+    @pytest.fixture
+    def nothing_idle(self) -> None:
+        """For a test that checks, at its end, that its run released everything, or that needs fresh workers: no
+        idle worker of an earlier test's is left when it starts."""
+        gc.collect()  # a dropped Trainer hands its workers over when Python frees it
+        release_idle_workers()
+
+    @pytest.fixture(autouse=True, scope="class")
+    def _nothing_idle_after_the_class(self) -> Iterator[None]:
+        yield  # the tests after this class's (the backend's own) start with every CPU free
+        gc.collect()
+        release_idle_workers()
 
     def strategy(self, **options: Any) -> pl.strategies.Strategy:
         return get_strategy(self.backend, **{"workers": self.workers, **self.backend_options, **options})
@@ -237,46 +249,6 @@ class ResultsConformance(ConformanceBase):
             seen = [row for report in reports for row in report[key]]
             assert sorted(seen) == list(range(rows)), f"{key}: every row exactly once across the ranks"
 
-    def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:
-        model = ClassifierModel(report_dir=str(tmp_path))
-        trainer = self.trainer(tmp_path, max_epochs=1)  # warm by default
-        trainer.fit(model, make_loader(8))
-        trainer.test(model, make_loader(8))
-        assert _pids(tmp_path, "fit") == _pids(tmp_path, "test"), "test() after fit() runs on the same warm actors"
-        trainer.strategy.release_workers()  # type: ignore[attr-defined]
-        assert_released()
-
-    def test_a_later_trainer_trains_on_the_idle_workers_to_the_weights_fresh_ones_give(self, tmp_path: Path) -> None:
-        # A re-run notebook cell: a new Trainer of the same shape takes the last one's idle workers, and must train as
-        # fresh workers would, whatever the backend left in them. Dropout draws from each worker's random generator,
-        # which the driver's state must reset (the driver is seeded the same before both fits).
-        torch.manual_seed(11)
-        initial = ClassifierModel(dropout=0.5).state_dict()
-        pids, weights = [], []
-        for run in ("fresh", "reused"):
-            model = ClassifierModel(dropout=0.5, report_dir=str(tmp_path / run))
-            model.load_state_dict(initial)
-            (tmp_path / run).mkdir()
-            torch.manual_seed(5)
-            trainer = self.trainer(tmp_path / run, enable_checkpointing=False)
-            trainer.fit(model, make_loader(8), validation_loader())
-            pids.append(_pids(tmp_path / run, "fit"))
-            weights.append(weights_of(model))
-        assert pids[1] == pids[0], "the later Trainer trained on the earlier one's idle workers"
-        assert_same_weights(weights[1], weights[0], atol=self.weight_tolerance, what=f"{self.backend}, reused workers")
-
-    def test_idle_workers_are_released_after_idle_timeout(self, tmp_path: Path) -> None:
-        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=1))
-        trainer.validate(ClassifierModel(), make_loader(8))
-        assert_released(timeout_s=20)
-
-    def test_idle_workers_make_way_for_work_that_waits_for_their_cpus(self, tmp_path: Path) -> None:
-        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=600))
-        trainer.validate(ClassifierModel(), make_loader(8))
-        everything = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(lambda: "ran")
-        assert ray.get(everything.remote(), timeout=60) == "ran", "the idle workers gave their CPUs back"
-        assert_released()
-
     # -- ranks, sampler, initial weights ---------------------------------------------------------------------------
 
     def test_ranks_sampler_and_initial_weights(self, tmp_path: Path) -> None:
@@ -310,6 +282,50 @@ class ResultsConformance(ConformanceBase):
             expected = fit_one_process(single, dataset, global_batch=16 * self.workers, max_epochs=2)
             assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, {optimizer}")
 
+    @pytest.mark.usefixtures("nothing_idle")
+    def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:
+        model = ClassifierModel(report_dir=str(tmp_path))
+        trainer = self.trainer(tmp_path, max_epochs=1)  # warm by default
+        trainer.fit(model, make_loader(8))
+        trainer.test(model, make_loader(8))
+        assert _pids(tmp_path, "fit") == _pids(tmp_path, "test"), "test() after fit() runs on the same warm actors"
+        trainer.strategy.release_workers()  # type: ignore[attr-defined]
+        assert_released()
+
+    @pytest.mark.usefixtures("nothing_idle")
+    def test_a_later_trainer_trains_on_the_idle_workers_to_the_weights_fresh_ones_give(self, tmp_path: Path) -> None:
+        # A re-run notebook cell: a new Trainer of the same shape takes the last one's idle workers, and must train as
+        # fresh workers would, whatever the backend left in them. Dropout draws from each worker's random generator,
+        # which the driver's state must reset (the driver is seeded the same before both fits).
+        torch.manual_seed(11)
+        initial = ClassifierModel(dropout=0.5).state_dict()
+        pids, weights = [], []
+        for run in ("fresh", "reused"):
+            model = ClassifierModel(dropout=0.5, report_dir=str(tmp_path / run))
+            model.load_state_dict(initial)
+            (tmp_path / run).mkdir()
+            torch.manual_seed(5)
+            trainer = self.trainer(tmp_path / run, enable_checkpointing=False)
+            trainer.fit(model, make_loader(8), validation_loader())
+            pids.append(_pids(tmp_path / run, "fit"))
+            weights.append(weights_of(model))
+        assert pids[1] == pids[0], "the later Trainer trained on the earlier one's idle workers"
+        assert_same_weights(weights[1], weights[0], atol=self.weight_tolerance, what=f"{self.backend}, reused workers")
+
+    @pytest.mark.usefixtures("nothing_idle")
+    def test_idle_workers_are_released_after_idle_timeout(self, tmp_path: Path) -> None:
+        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=1))
+        trainer.validate(ClassifierModel(), make_loader(8))
+        assert_released(timeout_s=20)
+
+    @pytest.mark.usefixtures("nothing_idle")
+    def test_idle_workers_make_way_for_work_that_waits_for_their_cpus(self, tmp_path: Path) -> None:
+        trainer = self.trainer(tmp_path, strategy=self.strategy(idle_timeout=600))
+        trainer.validate(ClassifierModel(), make_loader(8))
+        everything = ray.remote(num_cpus=ray.cluster_resources()["CPU"])(lambda: "ran")
+        assert ray.get(everything.remote(), timeout=60) == "ran", "the idle workers gave their CPUs back"
+        assert_released()
+
     # -- bad input fails before any actor starts -------------------------------------------------------------------
 
     @pytest.mark.parametrize("workers", [0, -1, 1.5, "2", True])
@@ -335,6 +351,7 @@ class ResultsConformance(ConformanceBase):
         with pytest.raises(ConfigurationError, match=message):
             self.strategy(**options)
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_more_than_the_cluster_holds_fails_fast(self, tmp_path: Path) -> None:
         trainer = self.trainer(tmp_path, strategy=self.strategy(cpus_per_worker=10_000))
         started = time.monotonic()
@@ -355,12 +372,14 @@ class ResultsConformance(ConformanceBase):
         with pytest.raises(ConfigurationError, match="devices"):
             trainer.fit(ClassifierModel(), make_loader(8))
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_trainer_num_nodes_rejected(self, tmp_path: Path) -> None:
         # Ray places the workers on nodes; a node count of the Trainer's own would contradict it.
         with pytest.raises(ConfigurationError, match=r"num_nodes=2.*Remove num_nodes"):
             self.trainer(tmp_path, num_nodes=2).fit(ClassifierModel(), make_loader(8))
         assert_released()
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_unpicklable_model_names_the_attribute(self, tmp_path: Path) -> None:
         with pytest.raises(SerializationError, match=r"model\.lock"):
             self.trainer(tmp_path).fit(UnpicklableModel(), make_loader(8))
@@ -377,6 +396,7 @@ class FailureConformance(ConformanceBase):
 
     # -- failures never hang and leave nothing behind --------------------------------------------------------------
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_worker_exception_reaches_driver_with_rank(self, tmp_path: Path) -> None:
         failing_rank = self.workers - 1
         model = ClassifierModel(fail_on_rank=failing_rank, fail_at_step=1)
@@ -386,6 +406,7 @@ class FailureConformance(ConformanceBase):
         assert f"rank {failing_rank}" in str(info.value)
         assert_released()
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_killed_worker_reaches_driver_quickly(self, tmp_path: Path) -> None:
         model = ClassifierModel(fail_on_rank=self.workers - 1, fail_at_step=1, fail_mode="kill")
         started = time.monotonic()
@@ -395,6 +416,7 @@ class FailureConformance(ConformanceBase):
         assert info.value.rank == self.workers - 1
         assert_released()
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_worker_killed_from_outside_reaches_driver(self, tmp_path: Path) -> None:
         # Rank 0 stalls, so the victim is a healthy rank blocked in a collective when the signal lands; the kill waits
         # for rank 0's marker (written as it stalls, in training), never landing during the workers' start-up.
@@ -411,6 +433,7 @@ class FailureConformance(ConformanceBase):
         killer.join(timeout=10)
         assert_released()
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_frozen_worker_fails_after_heartbeat_timeout(self, tmp_path: Path) -> None:
         model = ClassifierModel(fail_on_rank=self.workers - 1, fail_at_step=1, fail_mode="freeze")
         started = time.monotonic()
@@ -420,6 +443,7 @@ class FailureConformance(ConformanceBase):
         assert info.value.rank == self.workers - 1
         assert_released()
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_a_rank_that_never_joins_a_collective_is_named_within_collective_timeout(self, tmp_path: Path) -> None:
         model = ClassifierModel(fail_on_rank=self.workers - 1, fail_at_step=1, fail_mode="hang")
         started = time.monotonic()
@@ -432,6 +456,7 @@ class FailureConformance(ConformanceBase):
         assert "in training_step" in str(failure.value), str(failure.value)
         assert_released()
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_busy_resources_wait_then_fail_with_detail(self, tmp_path: Path) -> None:
         cpus = ray.cluster_resources()["CPU"]
         blocker = placement_group([{"CPU": cpus}])
@@ -447,6 +472,7 @@ class FailureConformance(ConformanceBase):
             remove_placement_group(blocker)
         assert_released()
 
+    @pytest.mark.usefixtures("nothing_idle")
     def test_restart_from_last_checkpoint_matches_uninterrupted_run(self, tmp_path: Path) -> None:
         steps_per_epoch = 64 // (8 * self.workers)
         torch.manual_seed(3)
