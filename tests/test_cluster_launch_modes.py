@@ -35,15 +35,16 @@ from typing import Any
 
 import pytest
 
-from raylane import ray_address
+from raylane import ray_address, warm_pool
 from raylane.testing import env_without_ray_address, free_port, printed_report, python_path_running_at_startup
-from tests import warm_pool_driver
+from tests import warm_pool_driver, warm_pool_waiting
 from tests.cluster_driver import FIT_ONLY, RESULT_PREFIX
 
 pytestmark = pytest.mark.timeout(240)
 
 DRIVER_SCRIPT = Path(__file__).with_name("cluster_driver.py")
 POOL_DRIVER = Path(warm_pool_driver.__file__)
+POOL_WAITING = Path(warm_pool_waiting.__file__)
 STOP_GRACE_S = 3  # Ray's processes stop within milliseconds of SIGTERM; `ray start --block` itself takes seconds
 POOL_WAIT_S = 90  # the pool workers a script leaves import torch and Lightning first
 HEAD_START_TIMEOUT = 90
@@ -276,10 +277,19 @@ def _pool_script(head: Head, cwd: Path, *args: str, **env: str) -> tuple[dict[st
     return printed_report(result.stdout, warm_pool_driver.PREFIX), output
 
 
+def _pool_holds(head: Head, cwd: Path, want: int, timeout_s: float) -> dict[str, Any]:
+    """Once the pool holds ``want`` waiting workers (0: once none is left at all), or after ``timeout_s``: their pids
+    ("waiting"), and how many pool workers there were at first ("first_named"). Asked by a script that imports Ray
+    alone, told the names this environment's pool workers have."""
+    env = {**head.env, "RAY_ADDRESS": head.gcs_address}
+    prefix = f"{warm_pool.fingerprint()}:"
+    command = [sys.executable, str(POOL_WAITING), warm_pool.NAMESPACE, prefix, str(want), str(timeout_s)]
+    return printed_report(_run(command, cwd, env).stdout, warm_pool_waiting.PREFIX)
+
+
 def _pool_waiting(head: Head, cwd: Path, want: int) -> dict[str, Any]:
-    """Once the pool holds ``want`` waiting workers (0: once none is left at all): their pids ("waiting"), and how
-    many pool workers there were at first ("first_named")."""
-    report, _ = _pool_script(head, cwd, "pool", str(want), str(POOL_WAIT_S))
+    """:func:`_pool_holds`, failing unless the pool came to hold ``want`` waiting workers in time."""
+    report = _pool_holds(head, cwd, want, POOL_WAIT_S)
     assert not report.get("timed_out"), f"the pool never held exactly {want} waiting workers: {report}"
     return report
 
@@ -307,7 +317,7 @@ def test_the_next_script_trains_on_the_warm_workers_the_last_one_left(head: Head
 
 @pytest.mark.timeout(420)
 def test_pool_workers_end_with_a_killed_claimer_and_when_nobody_claims_them(head: Head, tmp_path: Path) -> None:
-    if len(_pool_script(head, tmp_path, "pool", "2", "5")[0]["waiting"]) != 2:
+    if len(_pool_holds(head, tmp_path, 2, timeout_s=5)["waiting"]) != 2:
         _pool_script(head, tmp_path, "fit")  # this test alone: a script leaves the pool
         _pool_waiting(head, tmp_path, 2)
     marker = tmp_path / "training"

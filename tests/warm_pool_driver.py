@@ -3,9 +3,8 @@
 ``python warm_pool_driver.py fit`` trains 2 workers for 2 epochs and prints ``POOL_REPORT {json}``: the trained
 weights, and for each rank whether it was claimed from the pool; ``... fit-then-shutdown`` does the same, then calls
 ``ray.shutdown()`` itself while its workers are still warm. ``... fit-until-killed MARKER`` claims its workers,
-writes ``MARKER`` once training runs, and trains until the test kills this driver. ``... pool WANT TIMEOUT`` waits
-until exactly ``WANT`` of this environment's pool workers wait for a claim (for 0: until none is left at all), then
-prints their pids, and how many pool workers it found at first.
+writes ``MARKER`` once training runs, and trains until the test kills this driver. What the pool holds meanwhile is
+``warm_pool_waiting.py``'s to tell.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import pytorch_lightning as pl
 import ray
 import torch
 
-from raylane import get_strategy, warm_pool
+from raylane import get_strategy
 from raylane.testing import ClassifierModel, make_loader
 
 PREFIX = "POOL_REPORT "
@@ -63,27 +62,6 @@ def fit(model: ClassifierModel, epochs: int) -> dict[str, Any]:
     }
 
 
-def pool(want: int, timeout_s: float) -> dict[str, Any]:
-    ray.init()
-    deadline = time.monotonic() + timeout_s
-    first_named = None
-    while True:
-        handles = [ray.get_actor(name, namespace=warm_pool.NAMESPACE) for name in warm_pool.pool_names()]
-        first_named = len(handles) if first_named is None else first_named
-        waiting = []
-        for handle in handles:
-            try:
-                if ray.get(handle.is_waiting.remote(), timeout=30):
-                    waiting.append(ray.get(handle.pid.remote(), timeout=30))
-            except Exception:  # left meanwhile
-                continue
-        if len(waiting) == want and (want or not handles):
-            return {"waiting": sorted(waiting), "first_named": first_named}
-        if time.monotonic() > deadline:
-            return {"waiting": sorted(waiting), "named": len(handles), "timed_out": True}
-        time.sleep(0.5)
-
-
 if __name__ == "__main__":
     torch.manual_seed(0)
     if sys.argv[1] == "fit":
@@ -91,8 +69,6 @@ if __name__ == "__main__":
     elif sys.argv[1] == "fit-then-shutdown":
         report = fit(WarningModel(), epochs=2)
         ray.shutdown()
-    elif sys.argv[1] == "fit-until-killed":
+    else:  # fit-until-killed
         report = fit(SlowModel(sys.argv[2]), epochs=100)
-    else:
-        report = pool(int(sys.argv[2]), float(sys.argv[3]))
     print(PREFIX + json.dumps(report), flush=True)
