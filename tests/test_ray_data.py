@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import time
@@ -17,21 +16,32 @@ import ray
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from raylane import ConfigurationError, WorkerError, get_strategy, release_idle_workers
+from raylane import ConfigurationError, WorkerError, get_strategy
 from raylane.data import from_ray
 from raylane.testing import assert_released, ensure_local_ray
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
-from raylane.testing.ray_state import live_raylane_actors
+from raylane.testing.ray_state import live_raylane_actors, release_dropped_trainers_workers
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(autouse=True)
-def _ray() -> Iterator[None]:
+def _ray() -> None:
+    # A test's dropped Trainer leaves its idle workers to the next test's Trainer of the same shape, as a script's
+    # leaves them to its next one: the splits must be made afresh for every run on warm workers too.
     ensure_local_ray()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _nothing_idle_after_the_module() -> Iterator[None]:
     yield
-    gc.collect()  # Trainers nothing references leave their idle workers to the next Trainer...
-    release_idle_workers()  # ...but each test here starts fresh
+    release_dropped_trainers_workers()
+
+
+@pytest.fixture
+def nothing_idle() -> None:
+    """For a test that checks that its run released everything, or needs CPUs no idle worker holds."""
+    release_dropped_trainers_workers()
 
 
 def _trainer(root: Path, workers: int = 2, strategy: Any = None, **flags: Any) -> pl.Trainer:
@@ -181,6 +191,7 @@ def test_bare_dataset_fails_on_the_driver_before_any_worker_starts(tmp_path: Pat
     assert live_raylane_actors() == before, "no worker started"
 
 
+@pytest.mark.usefixtures("nothing_idle")
 @pytest.mark.parametrize(
     ("rows", "options"),
     [(0, {"batch_size": 8}), (20, {"batch_size": 16, "drop_last": True})],
@@ -195,6 +206,7 @@ def test_no_batch_for_a_rank_fails_before_the_first_step(tmp_path: Path, rows: i
     assert_released()
 
 
+@pytest.mark.usefixtures("nothing_idle")
 def test_error_in_preprocessing_reaches_the_driver(tmp_path: Path) -> None:
     def broken(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise ValueError("bad row in preprocessing")
@@ -215,6 +227,7 @@ def test_missing_path_fails_with_ray_datas_error(tmp_path: Path) -> None:
     assert live_raylane_actors() == before, "no worker started"
 
 
+@pytest.mark.usefixtures("nothing_idle")
 def test_ray_data_plans_without_the_cpus_the_workers_hold(tmp_path: Path) -> None:
     notes = tmp_path / "excluded"
     notes.mkdir()

@@ -90,21 +90,30 @@ def test_ctrl_c_on_the_driver_stops_workers(tmp_path: Path, shared_cluster: str)
     assert_released(timeout_s=30)
 
 
-@pytest.mark.timeout(600)  # 20 entry points: about 100 s on an idle 2-core machine
+def _fit_then_test(root: Path, release: bool) -> tuple[int, frozenset[int]]:
+    """One round of the leak check: a fit and a test, then the workers stopped, or left idle for the next round's
+    Trainer (this frame, and the Trainer, go when it returns). Rank 0's rendezvous port and the workers' pids."""
+    trainer = _trainer(root)
+    model = ClassifierModel(report_dir=str(root), report_env=("MASTER_PORT",))
+    trainer.fit(model, make_loader(8))
+    reports = [json.loads(path.read_text()) for path in root.glob("fit-rank*.json")]
+    trainer.test(model, make_loader(8))
+    if release:
+        trainer.strategy.release_workers()
+    [port] = {int(report["env"]["MASTER_PORT"]) for report in reports if report["global_rank"] == 0}
+    return port, frozenset(report["pid"] for report in reports)
+
+
+@pytest.mark.timeout(600)  # 20 entry points: about 60 s on an idle 2-core machine
 def test_repeated_fit_and_test_leave_nothing_behind(tmp_path: Path) -> None:
     ensure_local_ray()
-    peak_rss_kib, open_files, rendezvous_ports = [], [], set()
-    for _ in range(10):  # 20 entry points in all
-        trainer = _trainer(tmp_path)
-        model = ClassifierModel(report_dir=str(tmp_path), report_env=("MASTER_PORT",))
-        trainer.fit(model, make_loader(8))
-        rendezvous_ports.add(int(json.loads((tmp_path / "fit-rank0.json").read_text())["env"]["MASTER_PORT"]))
-        trainer.test(model, make_loader(8))
-        # Not left to the garbage collector: on Python < 3.13, save_hyperparameters() leaves a snapshot of this
-        # frame's locals (this Trainer included) that outlives `del`. Idle workers also leave after idle_timeout.
-        trainer.strategy.release_workers()
-        del trainer, model
-        gc.collect()
+    peak_rss_kib, open_files, rendezvous_ports, worker_pids = [], [], set(), []
+    for round_ in range(10):  # 20 entry points in all
+        # Both ends of a run, in turn: a group stopped, and a dropped Trainer's idle workers taken by the next one.
+        port, pids = _fit_then_test(tmp_path, release=bool(round_ % 2))
+        rendezvous_ports.add(port)
+        worker_pids.append(pids)
+        gc.collect()  # the dropped Trainer hands its workers over
         peak_rss_kib.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
         open_files.append(len(os.listdir("/proc/self/fd")))
     assert_released()
@@ -114,6 +123,8 @@ def test_repeated_fit_and_test_leave_nothing_behind(tmp_path: Path) -> None:
     # The driver's memory and open files (sockets included) settle after the first rounds instead of growing.
     assert peak_rss_kib[-1] - peak_rss_kib[3] < 0.1 * peak_rss_kib[3], peak_rss_kib
     assert open_files[-1] <= open_files[3] + 2, open_files
+    assert worker_pids[0::2] == worker_pids[1::2], "each group served two rounds: the second on idle workers"
+    assert len(set(worker_pids)) == 5 and all(len(pids) == 2 for pids in worker_pids), "a stopped group never serves"
 
 
 @pytest.mark.timeout(300)

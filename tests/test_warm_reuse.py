@@ -25,7 +25,7 @@ import torch
 from raylane import get_strategy, release_idle_workers
 from raylane.testing import QUIET, ClassifierModel, assert_released, ensure_local_ray, make_loader, validation_loader
 from raylane.testing.equivalence import weights_of
-from raylane.testing.ray_state import live_raylane_actors
+from raylane.testing.ray_state import live_raylane_actors, release_dropped_trainers_workers
 from tests.conftest import read_reports
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,8 +88,7 @@ class EditedModel(ClassifierModel):
 @pytest.fixture(autouse=True)
 def _ray() -> None:
     ensure_local_ray()
-    gc.collect()  # earlier tests' Trainers leave their idle workers to the next Trainer...
-    release_idle_workers()  # ...which would make every test here start on warm ones
+    release_dropped_trainers_workers()  # every test here starts on fresh workers
 
 
 def trainer(root: Path, **options: Any) -> pl.Trainer:

@@ -88,7 +88,7 @@ def remove_staging(token: str) -> None:
 
 def local_copy(url: str, token: str) -> Path:
     """Where the checkpoint for ``url`` lies in the staging folder of ``token`` (its name is the URL's last part)."""
-    return staging_folder(token) / Path(_filesystem(url)[1]).name
+    return staging_folder(token) / Path(storage.open_filesystem(url)[1]).name
 
 
 def clear(url: str) -> None:
@@ -96,10 +96,9 @@ def clear(url: str) -> None:
     earlier save left there (a ``last.ckpt`` saved again, maybe by another number of ranks, whose extra files would
     stay).
 
-    Listed afresh (not from a listing cached before the upload) and removed object by object: an object store has no
-    folders to remove."""
-    filesystem, remote = _filesystem(url)
-    filesystem.invalidate_cache()
+    Listed afresh (a new filesystem instance, not a listing cached before the upload) and removed object by object:
+    an object store has no folders to remove."""
+    filesystem, remote = storage.open_filesystem(url)
     keys = filesystem.find(remote)
     if keys:
         filesystem.rm(keys)
@@ -108,7 +107,7 @@ def clear(url: str) -> None:
 def upload(local: Path, url: str) -> None:
     """Every file this node wrote under ``local`` (a checkpoint folder, or one file), to the same place under ``url``.
     Nothing, on a node whose ranks wrote nothing (a consolidated checkpoint is rank 0's alone)."""
-    filesystem, remote = _filesystem(url)
+    filesystem, remote = storage.open_filesystem(url)
     if local.is_file():
         filesystem.put_file(str(local), remote)
         return
@@ -118,7 +117,7 @@ def upload(local: Path, url: str) -> None:
 
 def download(url: str, local: Path) -> None:
     """The checkpoint at ``url`` (a folder of per-rank files, or one file), to ``local``."""
-    filesystem, remote = _filesystem(url)
+    filesystem, remote = storage.open_filesystem(url)
     local.parent.mkdir(parents=True, exist_ok=True)
     if filesystem.isfile(remote):
         filesystem.get_file(remote, str(local))
@@ -130,9 +129,3 @@ def download(url: str, local: Path) -> None:
         target = local / Path(file).relative_to(remote)
         target.parent.mkdir(parents=True, exist_ok=True)
         filesystem.get_file(file, str(target))
-
-
-def _filesystem(url: str) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(url)  # type: ignore[no-any-return]

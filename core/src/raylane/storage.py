@@ -108,7 +108,9 @@ def redact(text: str, environ: dict[str, str] | None = None) -> str:
     return text
 
 
-def _filesystem(url: str) -> tuple[Any, str]:
+def open_filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem for ``url`` and the path within it; a :class:`StorageError` that says what to install
+    when the package for its protocol is missing."""
     import fsspec
     from fsspec.registry import known_implementations
 
@@ -129,7 +131,7 @@ def _filesystem(url: str) -> tuple[Any, str]:
 
 
 def _check_writable(url: str) -> None:
-    filesystem, path = _filesystem(url)
+    filesystem, path = open_filesystem(url)
     probe = f"{path.rstrip('/')}/.raylane-write-check-{uuid.uuid4().hex}"
     try:
         filesystem.pipe_file(probe, b"")
@@ -139,7 +141,7 @@ def _check_writable(url: str) -> None:
 
 
 def _check_readable(url: str) -> None:
-    filesystem, path = _filesystem(url)
+    filesystem, path = open_filesystem(url)
     try:
         filesystem.info(path)
     except FileNotFoundError as err:

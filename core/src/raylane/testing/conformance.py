@@ -10,7 +10,6 @@ Everything runs for real: a local Ray, real Lightning, real worker processes, re
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import signal
@@ -50,7 +49,7 @@ from raylane.testing.faults import signal_worker
 from raylane.testing.models import ClassifierModel, make_dataset, make_loader
 from raylane.testing.processes import env_without_ray_address
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
-from raylane.testing.ray_state import assert_released, ensure_local_ray
+from raylane.testing.ray_state import assert_released, ensure_local_ray, release_dropped_trainers_workers
 
 
 class UnpicklableModel(ClassifierModel):
@@ -79,14 +78,12 @@ class ConformanceBase:
     def nothing_idle(self) -> None:
         """For a test that checks, at its end, that its run released everything, or that needs fresh workers: no
         idle worker of an earlier test's is left when it starts."""
-        gc.collect()  # a dropped Trainer hands its workers over when Python frees it
-        release_idle_workers()
+        release_dropped_trainers_workers()
 
     @pytest.fixture(autouse=True, scope="class")
     def _nothing_idle_after_the_class(self) -> Iterator[None]:
         yield  # the tests after this class's (the backend's own) start with every CPU free
-        gc.collect()
-        release_idle_workers()
+        release_dropped_trainers_workers()
 
     def strategy(self, **options: Any) -> pl.strategies.Strategy:
         return get_strategy(self.backend, **{"workers": self.workers, **self.backend_options, **options})

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import time
 from pathlib import Path
 
 import ray
 from ray.util import list_named_actors, placement_group_table
 
-from raylane import _ray
+from raylane import _ray, release_idle_workers
 
 TEST_CPUS = 4  # two workers plus room for the trial drivers Tune tests add; oversubscribes a 2-core machine on purpose
 
@@ -21,6 +22,13 @@ def ensure_local_ray(num_cpus: int = TEST_CPUS) -> None:
         # find Ray's default one free instead of waiting 3.4 s for it (raylane._ray.agent_port_of_its_own).
         with _ray.agent_port_of_its_own():
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def release_dropped_trainers_workers() -> None:
+    """Stop the idle workers earlier Trainers left, for a test that needs fresh workers or checks that its own run
+    released everything. Tests in between train on them, as a script's later Trainers do."""
+    gc.collect()  # a dropped Trainer hands its workers over when Python frees it
+    release_idle_workers()
 
 
 def live_raylane_actors() -> list[str]:

@@ -75,7 +75,8 @@ class S3Server:
         """The first path part of every object under ``url`` (for ``s3://bucket/run/ckpt``, the checkpoints there).
         Read from the objects, not the listing: SeaweedFS lists a folder after its last object is removed."""
         prefix = url.removeprefix("s3://").rstrip("/")
-        return {Path(key).relative_to(prefix).parts[0] for key in self.filesystem().find(prefix)}
+        keys = self.filesystem().find(prefix)
+        return {Path(key).relative_to(prefix).parts[0] for key in keys if key.rstrip("/") != prefix}
 
     def download(self, url: str, local: Path) -> Path:
         """The object, or folder of objects, at ``url``, copied to ``local``; returns ``local``."""
