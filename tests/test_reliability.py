@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 import os
 import resource
 import signal
@@ -23,6 +22,7 @@ from raylane import WorkerError, get_strategy
 from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader, quiet_trainer
 from raylane.testing.cluster import local_cluster
 from raylane.testing.ray_state import listening_tcp_ports, live_raylane_actors, live_raylane_placement_groups
+from tests.conftest import read_reports
 
 
 def _trainer(root: Path, **flags: object) -> pl.Trainer:
@@ -96,12 +96,11 @@ def _fit_then_test(root: Path, release: bool) -> tuple[int, frozenset[int]]:
     trainer = _trainer(root)
     model = ClassifierModel(report_dir=str(root), report_env=("MASTER_PORT",))
     trainer.fit(model, make_loader(8))
-    reports = [json.loads(path.read_text()) for path in root.glob("fit-rank*.json")]
+    reports = read_reports(root)
     trainer.test(model, make_loader(8))
     if release:
         trainer.strategy.release_workers()
-    [port] = {int(report["env"]["MASTER_PORT"]) for report in reports if report["global_rank"] == 0}
-    return port, frozenset(report["pid"] for report in reports)
+    return int(reports[0]["env"]["MASTER_PORT"]), frozenset(report["pid"] for report in reports)
 
 
 @pytest.mark.timeout(600)  # 20 entry points: about 60 s on an idle 2-core machine
