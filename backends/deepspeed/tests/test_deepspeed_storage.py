@@ -6,6 +6,7 @@ on each node and uploads them (``raylane.staged_checkpoints``). The credentials 
 
 from __future__ import annotations
 
+import json
 import tempfile
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from raylane import get_strategy
 from raylane.staged_checkpoints import STAGING_PREFIX
-from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader
+from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader, weight_fingerprint
 from raylane.testing.s3 import S3Server, s3_server  # noqa: F401  (the fixture)
 from raylane_deepspeed.checkpoints import consolidated_state_dict
 
@@ -79,5 +80,43 @@ def test_checkpoints_land_in_the_bucket_and_ckpt_path_resumes_from_it(
     trainer.fit(resumed, *_loaders(), ckpt_path=last)
     assert trainer.current_epoch == 2 and trainer.global_step == 2 * SAMPLES // 8 // WORKERS
     torch.testing.assert_close(resumed.layer.weight, model.layer.weight)
+    trainer.strategy.release_workers()
+    assert_released()
+
+
+def test_a_killed_rank_restarts_the_fit_from_the_buckets_last_checkpoint(
+    s3_server: S3Server,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """``max_failures`` with checkpoints in a bucket: the new workers resume from the bucket's latest checkpoint (a
+    directory of every rank's shards, which they fetch), not from the start."""
+    directory = f"s3://{s3_server.create_bucket()}/ckpt"
+    steps_per_epoch = SAMPLES // 8 // WORKERS
+    model = ClassifierModel(
+        fail_on_rank=1,
+        fail_at_step=2 * steps_per_epoch,  # the first step of the third epoch, after the second epoch's checkpoint
+        fail_mode="kill",
+        fail_once_marker=str(tmp_path / "failed-once"),
+        report_dir=str(tmp_path),
+    )
+    every_epoch = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)
+    trainer = pl.Trainer(
+        strategy=get_strategy("deepspeed", workers=WORKERS, env=s3_server.env(), max_failures=1),
+        max_epochs=3,
+        callbacks=[every_epoch],
+        default_root_dir=str(tmp_path),
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, *_loaders())
+
+    assert (tmp_path / "failed-once").exists(), "the failure was injected"
+    assert trainer.current_epoch == 3 and trainer.global_step == 3 * steps_per_epoch
+    resumed_from = f"{directory}/epoch=1-step={2 * steps_per_epoch}.ckpt"
+    shards = s3_server.download(resumed_from, tmp_path / "downloaded" / "resumed_from")
+    weights = consolidated_state_dict(shards)["layer.weight"]
+    started_from = json.loads((tmp_path / "fit-rank0.json").read_text())["initial_weight_fingerprint"]
+    assert started_from == pytest.approx(weight_fingerprint(weights)), "rank 0 began at that checkpoint"
     trainer.strategy.release_workers()
     assert_released()

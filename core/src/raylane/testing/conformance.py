@@ -259,7 +259,7 @@ class ResultsConformance(ConformanceBase):
             assert report["sampler_replicas"] == self.workers
             assert report["sampler_rank"] == report["global_rank"]
         assert len({r["pid"] for r in reports}) == self.workers, "each rank is its own process"
-        assert len({r["initial_weight_sum"] for r in reports}) == 1, "every rank starts from the same weights"
+        assert len({r["initial_weight_fingerprint"] for r in reports}) == 1, "every rank starts from the same weights"
         # Lightning makes a process group of its own when none exists, which would hide a setup hook that does nothing.
         assert all(r["process_group_from_backend"] for r in reports), (
             "training used a process group other than the one raylane_setup_process_group made (does the hook "

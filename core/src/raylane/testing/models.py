@@ -79,7 +79,7 @@ class ClassifierModel(pl.LightningModule):
                     "env_rank": os.environ.get("RANK"),
                     "sampler_replicas": getattr(sampler, "num_replicas", None),
                     "sampler_rank": getattr(sampler, "rank", None),
-                    "initial_weight_sum": float(_whole(self.layer.weight).double().sum()),
+                    "initial_weight_fingerprint": weight_fingerprint(_whole(self.layer.weight)),
                     "device": str(self.device),
                     "pid": os.getpid(),
                     "node_id": _ray_node_id(),
@@ -131,6 +131,12 @@ class ClassifierModel(pl.LightningModule):
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def weight_fingerprint(weights: torch.Tensor) -> float:
+    """A number that tells two sets of weights apart, where training changes them: their sum of squares. Not their sum:
+    the gradient of a softmax layer's weights sums to zero over the classes, so plain SGD keeps that sum as it was."""
+    return float((weights.detach().double() ** 2).sum())
 
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
