@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from raylane import ConfigurationError, WorkerError, get_strategy
 from raylane.data import from_ray
-from raylane.testing import assert_released, ensure_local_ray
+from raylane.testing import KilledOnce, assert_released, ensure_local_ray
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
 from raylane.testing.ray_state import live_raylane_actors, release_dropped_trainers_workers
 
@@ -154,13 +154,9 @@ def test_datamodule_dataloaders_built_in_the_workers_are_split_once(tmp_path: Pa
 
 def test_restarted_fit_splits_afresh(tmp_path: Path) -> None:
     steps_per_epoch = 64 // (8 * 2)
-    model = RowRecordingModel(
-        report_dir=str(tmp_path),
-        fail_on_rank=1,
-        fail_at_step=2 * steps_per_epoch + 1,  # in the third epoch, after the second epoch's checkpoint
-        fail_mode="kill",
-        fail_once_marker=str(tmp_path / "failed-once"),
-    )
+    # In the third epoch, after the second epoch's checkpoint.
+    killed = KilledOnce(rank=1, at_step=2 * steps_per_epoch + 1, folder=tmp_path)
+    model = RowRecordingModel(report_dir=str(tmp_path), **killed.model_options())
     trainer = _trainer(
         tmp_path,
         strategy=get_strategy("ddp", workers=2, max_failures=1),
@@ -169,7 +165,7 @@ def test_restarted_fit_splits_afresh(tmp_path: Path) -> None:
         callbacks=[ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_top_k=-1, every_n_epochs=1)],
     )
     trainer.fit(model, from_ray(make_ray_dataset(64), batch_size=8))
-    assert (tmp_path / "failed-once").exists(), "the failure was injected"
+    assert killed.happened, "the failure was injected"
     assert trainer.current_epoch == 4
     reports = rows_seen(tmp_path)  # written by the restarted attempt, which resumed at the third epoch
     for epoch in (2, 3):

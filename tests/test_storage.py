@@ -19,7 +19,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from raylane import StorageError, WorkerError, get_strategy
 from raylane.staged_checkpoints import STAGING_PREFIX
-from raylane.testing import ClassifierModel, assert_released, make_loader, weight_fingerprint
+from raylane.testing import ClassifierModel, KilledOnce, assert_released, make_loader, weight_fingerprint
 from raylane.testing.s3 import S3Server
 
 pytestmark = pytest.mark.timeout(240)
@@ -125,20 +125,16 @@ def test_a_killed_rank_restarts_the_fit_from_the_bucket(
     s3_server: S3Server, bucket: str, tmp_path: Path, caplog: pytest.LogCaptureFixture, backend: str
 ) -> None:
     directory = f"s3://{bucket}/ckpt"
-    model = ClassifierModel(
-        fail_on_rank=1,
-        fail_at_step=2 * STEPS_PER_EPOCH,  # the first step of the third epoch, after the second epoch's checkpoint
-        fail_mode="kill",
-        fail_once_marker=str(tmp_path / "failed-once"),
-        report_dir=str(tmp_path),
-    )
+    # The first step of the third epoch, after the second epoch's checkpoint.
+    killed = KilledOnce(rank=1, at_step=2 * STEPS_PER_EPOCH, folder=tmp_path)
+    model = ClassifierModel(**killed.model_options(), report_dir=str(tmp_path))
     every_epoch = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)
     trainer = _trainer(
         tmp_path, s3_server.env(), max_epochs=3, backend=backend, max_failures=1, callbacks=[every_epoch]
     )
     with caplog.at_level(logging.WARNING, logger="raylane"):
         trainer.fit(model, *_loaders())
-    assert (tmp_path / "failed-once").exists(), "the failure was injected"
+    assert killed.happened, "the failure was injected"
     resumed_from = f"{directory}/epoch=1-step={2 * STEPS_PER_EPOCH}.ckpt"
     assert any(f"restarting fit from {resumed_from}" in record.getMessage() for record in caplog.records)
     weights = _checkpoint_weights(s3_server, resumed_from, tmp_path)["layer.weight"]

@@ -17,7 +17,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from raylane import get_strategy
 from raylane.staged_checkpoints import STAGING_PREFIX
-from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_loader, weight_fingerprint
+from raylane.testing import (
+    ClassifierModel,
+    KilledOnce,
+    assert_released,
+    ensure_local_ray,
+    make_loader,
+    weight_fingerprint,
+)
 from raylane.testing.s3 import S3Server, s3_server  # noqa: F401  (the fixture)
 from raylane_deepspeed.checkpoints import consolidated_state_dict
 
@@ -92,13 +99,9 @@ def test_a_killed_rank_restarts_the_fit_from_the_buckets_last_checkpoint(
     directory of every rank's shards, which they fetch), not from the start."""
     directory = f"s3://{s3_server.create_bucket()}/ckpt"
     steps_per_epoch = SAMPLES // 8 // WORKERS
-    model = ClassifierModel(
-        fail_on_rank=1,
-        fail_at_step=2 * steps_per_epoch,  # the first step of the third epoch, after the second epoch's checkpoint
-        fail_mode="kill",
-        fail_once_marker=str(tmp_path / "failed-once"),
-        report_dir=str(tmp_path),
-    )
+    # The first step of the third epoch, after the second epoch's checkpoint.
+    killed = KilledOnce(rank=1, at_step=2 * steps_per_epoch, folder=tmp_path)
+    model = ClassifierModel(**killed.model_options(), report_dir=str(tmp_path))
     every_epoch = ModelCheckpoint(dirpath=directory, save_top_k=-1, every_n_epochs=1)
     trainer = pl.Trainer(
         strategy=get_strategy("deepspeed", workers=WORKERS, env=s3_server.env(), max_failures=1),
@@ -111,7 +114,7 @@ def test_a_killed_rank_restarts_the_fit_from_the_buckets_last_checkpoint(
     )
     trainer.fit(model, *_loaders())
 
-    assert (tmp_path / "failed-once").exists(), "the failure was injected"
+    assert killed.happened, "the failure was injected"
     assert trainer.current_epoch == 3 and trainer.global_step == 3 * steps_per_epoch
     resumed_from = f"{directory}/epoch=1-step={2 * steps_per_epoch}.ckpt"
     shards = s3_server.download(resumed_from, tmp_path / "downloaded" / "resumed_from")

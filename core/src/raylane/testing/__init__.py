@@ -2,7 +2,7 @@
 
 from raylane.testing.conformance import BackendConformance, FailureConformance, ResultsConformance
 from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
-from raylane.testing.faults import signal_worker, worker_pid
+from raylane.testing.faults import KilledOnce, signal_worker, worker_pid
 from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader, weight_fingerprint
 from raylane.testing.processes import env_without_ray_address, free_port, printed_report, python_path_running_at_startup
 from raylane.testing.ray_state import assert_released, ensure_local_ray
@@ -13,6 +13,7 @@ __all__ = [
     "BackendConformance",
     "ClassifierModel",
     "FailureConformance",
+    "KilledOnce",
     "ReferenceSampler",
     "ResultsConformance",
     "assert_released",

@@ -45,7 +45,7 @@ from raylane.testing.equivalence import (
     validation_loader,
     weights_of,
 )
-from raylane.testing.faults import signal_worker
+from raylane.testing.faults import KilledOnce, signal_worker
 from raylane.testing.models import ClassifierModel, make_dataset, make_loader
 from raylane.testing.processes import env_without_ray_address
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
@@ -473,12 +473,9 @@ class FailureConformance(ConformanceBase):
     def test_restart_from_last_checkpoint_matches_uninterrupted_run(self, tmp_path: Path) -> None:
         steps_per_epoch = 64 // (8 * self.workers)
         torch.manual_seed(3)
-        interrupted = ClassifierModel(
-            fail_on_rank=self.workers - 1,
-            fail_at_step=2 * steps_per_epoch,  # the first step of the third epoch, right after a checkpoint
-            fail_mode="kill",
-            fail_once_marker=str(tmp_path / "failed-once"),
-        )
+        # The first step of the third epoch, right after a checkpoint.
+        killed = KilledOnce(rank=self.workers - 1, at_step=2 * steps_per_epoch, folder=tmp_path)
+        interrupted = ClassifierModel(**killed.model_options())
         uninterrupted = ClassifierModel()
         uninterrupted.load_state_dict(interrupted.state_dict())
         every_epoch = {"callbacks": [ModelCheckpoint(save_top_k=-1, every_n_epochs=1)], "max_epochs": 4}
@@ -486,7 +483,7 @@ class FailureConformance(ConformanceBase):
         trainer.fit(interrupted, make_loader(8), validation_loader())
         every_epoch["callbacks"] = [ModelCheckpoint(save_top_k=-1, every_n_epochs=1)]
         self.trainer(tmp_path / "b", **every_epoch).fit(uninterrupted, make_loader(8), validation_loader())
-        assert (tmp_path / "failed-once").exists(), "the failure was injected"
+        assert killed.happened, "the failure was injected"
         assert trainer.current_epoch == 4
         assert_same_weights(
             interrupted.state_dict(), uninterrupted.state_dict(), atol=self.weight_tolerance, what="restarted fit"

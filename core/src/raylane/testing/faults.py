@@ -1,16 +1,50 @@
-"""Faults injected from outside the workers: real signals to the real processes of a running fit.
+"""Faults for the tests: real signals to the real processes of a running fit, and a rank killed once from inside.
 
-The in-model faults (``ClassifierModel(fail_mode=...)``) cover a rank that raises, kills itself, hangs or freezes.
-These cover what happens to a healthy rank from the outside: the OOM killer, an operator's ``kill``, a frozen host.
+The in-model faults (``ClassifierModel(fail_mode=...)``) cover a rank that raises, kills itself, hangs or freezes;
+``KilledOnce`` names the one every restart test uses. The signals cover what happens to a healthy rank from the
+outside: the OOM killer, an operator's ``kill``, a frozen host.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import ray
 from ray.util import list_named_actors
+
+
+@dataclass(frozen=True)
+class KilledOnce:
+    """One rank kills its own process at a step of the first attempt only, as the OOM killer would: a
+    ``max_failures`` restart then trains through, since the marker file the first kill leaves stops the second.
+
+    ``ClassifierModel(**killed.model_options(), ...)`` (or a subclass) injects it; ``killed.happened`` tells a test
+    that the fault really landed, so a restart test cannot pass on a run that never failed.
+    """
+
+    rank: int
+    at_step: int
+    folder: Path  # where the marker goes: the test's own tmp_path
+
+    @property
+    def marker(self) -> Path:
+        return Path(self.folder) / "failed-once"
+
+    @property
+    def happened(self) -> bool:
+        return self.marker.exists()
+
+    def model_options(self) -> dict[str, Any]:
+        return {
+            "fail_on_rank": self.rank,
+            "fail_at_step": self.at_step,
+            "fail_mode": "kill",
+            "fail_once_marker": str(self.marker),
+        }
 
 
 def worker_pid(rank: int, timeout_s: float = 60.0) -> int:
