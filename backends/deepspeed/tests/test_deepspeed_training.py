@@ -1,9 +1,10 @@
 """ZeRO training on CPU workers against one plain Lightning process, and DeepSpeed's checkpoint directories.
 
-Stage 2 (the default) is compared with one process, with SGD and Adam, by the conformance suite; here stage 3 with
-both, stage 1 with Adam (SGD keeps no optimizer state to shard), and ZeRO-3 with optimizer and parameter offload, all
-trained as users train (a validation loader and the default sanity check). Then a ZeRO-3 checkpoint: what reaches
-the driver, and a resume from it that lands on the weights of an uninterrupted run.
+Stage 2 (the default) is compared with one process, with SGD and Adam and with accumulated gradients, by the
+conformance suite; here stage 3 with both, stage 1 with Adam (SGD keeps no optimizer state to shard), and ZeRO-3 with
+optimizer and parameter offload, with Adam and with SGD over accumulated gradients, all trained as users train (a
+validation loader and the default sanity check). Then a ZeRO-3 checkpoint: what reaches the driver, and a resume from
+it that lands on the weights of an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -49,25 +50,31 @@ def ray_trainer(root: Path, options: dict[str, Any], **flags: Any) -> pl.Trainer
     return pl.Trainer(strategy=strategy, **{**defaults, **flags})
 
 
+ACCUMULATE = {"accumulate_grad_batches": 2}  # with SGD, whose step shows a gradient divided twice
+
+
 @pytest.mark.parametrize(
-    ("options", "optimizer"),
+    ("options", "optimizer", "flags"),
     [
-        ({"stage": 1}, "adam"),
-        ({"stage": 3}, "sgd"),
-        ({"stage": 3}, "adam"),
-        ({"stage": 3, "offload_optimizer": True, "offload_parameters": True}, "adam"),
+        ({"stage": 1}, "adam", {}),
+        ({"stage": 3}, "sgd", {}),
+        ({"stage": 3}, "adam", {}),
+        ({"stage": 3, "offload_optimizer": True, "offload_parameters": True}, "adam", {}),
+        ({"stage": 3, "offload_optimizer": True, "offload_parameters": True}, "sgd", ACCUMULATE),
     ],
-    ids=["zero1-adam", "zero3-sgd", "zero3-adam", "zero3-offload-adam"],
+    ids=["zero1-adam", "zero3-sgd", "zero3-adam", "zero3-offload-adam", "zero3-offload-sgd-accumulated"],
 )
-def test_same_weights_as_one_process(tmp_path: Path, options: dict[str, Any], optimizer: str) -> None:
+def test_same_weights_as_one_process(
+    tmp_path: Path, options: dict[str, Any], optimizer: str, flags: dict[str, Any]
+) -> None:
     torch.manual_seed(5)
     distributed = ClassifierModel(optimizer=optimizer, report_dir=str(tmp_path), report_env=("DS_ACCELERATOR",))
     single = ClassifierModel(optimizer=optimizer)
     single.load_state_dict(distributed.state_dict())
     dataset = make_dataset(samples=SAMPLES)
-    actual = fit_distributed(ray_trainer(tmp_path, options), distributed, dataset, GLOBAL_BATCH)
-    expected = fit_one_process(single, dataset, GLOBAL_BATCH, max_epochs=2)
-    assert_same_weights(actual, expected, atol=TOLERANCE, what=f"deepspeed {options}, {optimizer}")
+    actual = fit_distributed(ray_trainer(tmp_path, options, **flags), distributed, dataset, GLOBAL_BATCH)
+    expected = fit_one_process(single, dataset, GLOBAL_BATCH, max_epochs=2, **flags)
+    assert_same_weights(actual, expected, atol=TOLERANCE, what=f"deepspeed {options}, {optimizer}, {flags}")
     reports = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("fit-rank*.json"))]
     assert [r["env"]["DS_ACCELERATOR"] for r in reports] == ["cpu"] * WORKERS, "DeepSpeed's CPU accelerator"
 

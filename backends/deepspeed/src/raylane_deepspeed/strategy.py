@@ -101,6 +101,13 @@ class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_bas
         # fails for a plain "cpu" (index None). DeepSpeed's CPU accelerator ignores the index; CPU tensors ignore it.
         return torch.device("cpu", 0) if device.type == "cpu" else device
 
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Lightning's loop has already divided the loss by accumulate_grad_batches, and the engine's backward would
+        # divide it again by its gradient_accumulation_steps (the same number, set from the Trainer): accumulated
+        # gradients came out N times too small, so SGD took steps 1/N the size one process takes. Divide once.
+        kwargs.setdefault("scale_wrt_gas", False)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
+
     def setup_environment(self) -> None:
         if self.root_device.type == "cuda":
             super().setup_environment()

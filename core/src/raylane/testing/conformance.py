@@ -279,6 +279,22 @@ class ResultsConformance(ConformanceBase):
             expected = fit_one_process(single, dataset, global_batch=16 * self.workers, max_epochs=2)
             assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, {optimizer}")
 
+    def test_accumulated_gradients_give_the_weights_of_one_process(self, tmp_path: Path) -> None:
+        # Lightning divides each micro-batch's loss by accumulate_grad_batches; an engine that divides again (as
+        # DeepSpeed's backward does) shrinks every step. SGD, because Adam's step hardly depends on the gradient's
+        # scale and would hide it.
+        torch.manual_seed(13)
+        distributed = ClassifierModel(optimizer="sgd")
+        single = ClassifierModel(optimizer="sgd")
+        single.load_state_dict(distributed.state_dict())
+        dataset = make_dataset(samples=128)
+        steps = {"max_epochs": 2, "accumulate_grad_batches": 2}
+        trainer = self.trainer(tmp_path, enable_checkpointing=False, **steps)
+        actual = fit_distributed(trainer, distributed, dataset, global_batch=8 * self.workers)
+        expected = fit_one_process(single, dataset, global_batch=8 * self.workers, **steps)
+        assert trainer.global_step == 128 // (8 * self.workers) // 2 * 2, "one optimizer step per two batches"
+        assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, accumulated")
+
     @pytest.mark.usefixtures("nothing_idle")
     def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:
         model = ClassifierModel(report_dir=str(tmp_path))
