@@ -95,3 +95,21 @@ def test_model_parallel_strategy_builds_its_mesh_from_the_size_raylane_sets(ligh
     _lightning.set_data_parallel_size(strategy, 2)
     assert strategy._data_parallel_size == 2
     assert "self._data_parallel_size" in inspect.getsource(strategy_class.setup_environment)
+
+
+def test_the_loop_says_which_batches_end_in_an_optimizer_step(lightning: ModuleType) -> None:
+    """The deepspeed backend tells DeepSpeed's engine before each backward whether a step follows
+    (``_lightning.steps_after_this_batch``): every accumulate_grad_batches batches and after the epoch's last one."""
+    seen: list[bool] = []
+
+    class Record(lightning.Callback):  # type: ignore[name-defined,misc]
+        def on_before_backward(self, trainer: object, module: object, loss: object) -> None:
+            seen.append(_lightning.steps_after_this_batch(trainer))  # type: ignore[arg-type]
+
+    model = importlib.import_module(f"{lightning.__name__}.demos.boring_classes").BoringModel()
+    data = DataLoader(TensorDataset(torch.randn(8, 32)), batch_size=1, collate_fn=lambda rows: rows[0][0])
+    flags = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = lightning.Trainer(max_epochs=2, accumulate_grad_batches=3, callbacks=[Record()], **flags)
+    trainer.fit(model, data)
+    assert seen == [False, False, True, False, False, True, False, True] * 2
+    assert trainer.global_step == 6

@@ -204,6 +204,13 @@ def set_data_parallel_size(strategy: Any, size: int) -> None:
     strategy._data_parallel_size = size
 
 
+def steps_after_this_batch(trainer: pl.Trainer) -> bool:
+    """Whether Lightning's training loop takes an optimizer step after the current batch: every
+    ``accumulate_grad_batches`` batches, and after the epoch's last batch, the rule one process follows. For a
+    strategy whose engine must be told before the backward (DeepSpeed's accumulation boundary)."""
+    return not trainer.fit_loop._should_accumulate()
+
+
 def with_ckpt_path(
     function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ckpt_path: str
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

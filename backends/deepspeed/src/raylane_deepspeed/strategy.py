@@ -10,11 +10,14 @@ per-rank files through local paths: checkpoint URLs pass through node-local stag
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, ClassVar
 
 import torch
 
+from raylane import _lightning
 from raylane.errors import ConfigurationError
 from raylane.staged_checkpoints import StagedURLCheckpoints
 from raylane.strategy import DRIVER_CHECKPOINT_WARNING, RayClusterEnvironment, RayStrategyMixin
@@ -101,10 +104,28 @@ class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_bas
         # fails for a plain "cpu" (index None). DeepSpeed's CPU accelerator ignores the index; CPU tensors ignore it.
         return torch.device("cpu", 0) if device.type == "cpu" else device
 
+    @property
+    def handles_gradient_accumulation(self) -> bool:
+        """False: Lightning's loop decides which batches end in an optimizer step, as in one process (every
+        ``accumulate_grad_batches`` batches and the epoch's last), and :meth:`backward` tells the engine. Left to
+        DeepSpeed, its own batch counter runs on across epochs: with an epoch whose batch count N does not divide, it
+        stepped on other batches than one process, and other than the steps Lightning counted."""
+        return False
+
+    @contextmanager
+    def block_backward_sync(self) -> Iterator[None]:
+        # Lightning wraps the backward of a batch that accumulates in the engine's no_sync(), which ZeRO stages 2 and 3
+        # refuse (they reduce gradient partitions on every backward). The boundary backward() sets already keeps
+        # stages 0 and 1 from reducing before the step.
+        yield
+
     def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        # Lightning's loop has already divided the loss by accumulate_grad_batches, and the engine's backward would
-        # divide it again by its gradient_accumulation_steps (the same number, set from the Trainer): accumulated
-        # gradients came out N times too small, so SGD took steps 1/N the size one process takes. Divide once.
+        trainer = self.lightning_module.trainer
+        if trainer.training:
+            self.deepspeed_engine.set_gradient_accumulation_boundary(_lightning.steps_after_this_batch(trainer))
+        # Lightning's loop has already divided the loss by accumulate_grad_batches; the engine's backward would divide
+        # it again by its gradient_accumulation_steps (the same number, set from the Trainer), and accumulated
+        # gradients came out N times too small: SGD took steps 1/N the size one process takes. Divide once.
         kwargs.setdefault("scale_wrt_gas", False)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
@@ -171,8 +192,6 @@ def _gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict[str, Any]:
 
 
 def _reset_seed(lightning: Any) -> None:
-    from raylane import _lightning
-
     _lightning.fabric(lightning).utilities.seed.reset_seed()
 
 

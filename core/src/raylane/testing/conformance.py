@@ -11,6 +11,7 @@ Everything runs for real: a local Ray, real Lightning, real worker processes, re
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -280,19 +281,21 @@ class ResultsConformance(ConformanceBase):
             assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, {optimizer}")
 
     def test_accumulated_gradients_give_the_weights_of_one_process(self, tmp_path: Path) -> None:
-        # Lightning divides each micro-batch's loss by accumulate_grad_batches; an engine that divides again (as
-        # DeepSpeed's backward does) shrinks every step. SGD, because Adam's step hardly depends on the gradient's
-        # scale and would hide it.
+        # One process steps every 3 batches and after the epoch's last batch (8 batches: 3, 3, 2), the gradient of
+        # each batch's loss divided by 3. An engine that divides again (DeepSpeed's backward does) shrinks every step;
+        # one that counts batches across epochs steps elsewhere. SGD, because Adam's step hardly depends on the
+        # gradient's scale and would hide the first.
         torch.manual_seed(13)
         distributed = ClassifierModel(optimizer="sgd")
         single = ClassifierModel(optimizer="sgd")
         single.load_state_dict(distributed.state_dict())
         dataset = make_dataset(samples=128)
-        steps = {"max_epochs": 2, "accumulate_grad_batches": 2}
+        steps = {"max_epochs": 2, "accumulate_grad_batches": 3}
         trainer = self.trainer(tmp_path, enable_checkpointing=False, **steps)
         actual = fit_distributed(trainer, distributed, dataset, global_batch=8 * self.workers)
         expected = fit_one_process(single, dataset, global_batch=8 * self.workers, **steps)
-        assert trainer.global_step == 128 // (8 * self.workers) // 2 * 2, "one optimizer step per two batches"
+        batches_per_epoch = 128 // (8 * self.workers)
+        assert trainer.global_step == 2 * math.ceil(batches_per_epoch / 3), "a step every 3 batches and at epoch end"
         assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, accumulated")
 
     @pytest.mark.usefixtures("nothing_idle")
