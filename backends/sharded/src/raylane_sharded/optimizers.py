@@ -3,6 +3,7 @@ driving them, and how much optimizer state each process holds."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from torch import Tensor
@@ -10,9 +11,16 @@ from torch.optim import Optimizer
 
 
 def same_optimizer_kwargs(optimizer: Optimizer) -> dict[str, Any]:
-    """Constructor arguments that rebuild ``optimizer``'s class with its hyperparameters (torch keeps them in
-    ``defaults``, one entry per constructor argument)."""
-    return dict(optimizer.defaults)
+    """Constructor arguments that rebuild ``optimizer``'s class with its hyperparameters.
+
+    torch keeps them in ``defaults``, but not only the constructor's: ``AdamW`` is an ``Adam`` whose defaults hold
+    ``decoupled_weight_decay=True``, which ``AdamW()`` does not take (it sets it itself). Only the names the
+    constructor takes are passed, unless it takes any keyword; each param group keeps all of its own values.
+    """
+    parameters = inspect.signature(type(optimizer).__init__).parameters
+    if any(parameter.kind is inspect.Parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return dict(optimizer.defaults)
+    return {name: value for name, value in optimizer.defaults.items() if name in parameters}
 
 
 def has_parameters(optimizer: Optimizer) -> bool:

@@ -269,7 +269,7 @@ class ResultsConformance(ConformanceBase):
 
     def test_same_weights_as_one_process_with_the_union_batch(self, tmp_path: Path) -> None:
         # Trained as users train: a validation loader and Lightning's default sanity check (see testing.equivalence).
-        for optimizer in ("sgd", "adam"):
+        for optimizer in ("sgd", "adam", "adamw"):
             torch.manual_seed(7)
             distributed = ClassifierModel(optimizer=optimizer)
             single = ClassifierModel(optimizer=optimizer)

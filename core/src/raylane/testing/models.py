@@ -31,6 +31,8 @@ def make_loader(batch_size: int = 8, samples: int = 64, **kwargs: Any) -> DataLo
 class ClassifierModel(pl.LightningModule):
     """A linear classifier that logs what the conformance suite checks.
 
+    ``optimizer``: ``"sgd"``, ``"adam"`` or ``"adamw"`` (weight decay 0.1: the optimizer most users train with, whose
+    ``defaults`` hold an entry its constructor does not take).
     ``report_dir``: every rank writes what it saw (ranks, sampler, initial weights, node, the ``report_env``
     variables) there as JSON.
     ``dropout``: the probability of zeroing an input in training; above 0, each step draws from the worker's torch
@@ -130,6 +132,8 @@ class ClassifierModel(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         if self.hparams.optimizer == "adam":
             return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        if self.hparams.optimizer == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=0.1)
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
