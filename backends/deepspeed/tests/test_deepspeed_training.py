@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
 from raylane import ConfigurationError, get_strategy
-from raylane.testing import ClassifierModel, ensure_local_ray, make_dataset
+from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_dataset
 from raylane.testing.equivalence import (
     QUIET,
     assert_same_weights,
@@ -123,3 +123,10 @@ def test_clipping_by_value_is_rejected_before_any_actor_starts(tmp_path: Path) -
     trainer = ray_trainer(tmp_path, {}, gradient_clip_val=1.0, gradient_clip_algorithm="value")
     with pytest.raises(ConfigurationError, match="clips gradients by norm only"):
         trainer.fit(ClassifierModel(), distributed_loader(make_dataset(), GLOBAL_BATCH, WORKERS), validation_loader())
+
+
+def test_an_accumulation_schedule_is_rejected_before_any_actor_starts(tmp_path: Path) -> None:
+    trainer = ray_trainer(tmp_path, {}, callbacks=[GradientAccumulationScheduler({0: 1, 1: 3})])
+    with pytest.raises(ConfigurationError, match="one accumulate_grad_batches for the whole fit"):
+        trainer.fit(ClassifierModel(), distributed_loader(make_dataset(), GLOBAL_BATCH, WORKERS), validation_loader())
+    assert_released()

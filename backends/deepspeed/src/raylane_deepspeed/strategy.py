@@ -151,6 +151,14 @@ class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_bas
                 "DeepSpeed clips gradients by norm only; use Trainer(gradient_clip_algorithm='norm') (Lightning's "
                 "DeepSpeedStrategy would fail the same way, inside every worker)."
             )
+        assert self.lightning is not None
+        scheduler = self.lightning.callbacks.GradientAccumulationScheduler
+        if trainer.state.fn == _lightning.FITTING and any(isinstance(c, scheduler) for c in trainer.callbacks):
+            raise ConfigurationError(
+                "DeepSpeed takes one accumulate_grad_batches for the whole fit: remove the "
+                "GradientAccumulationScheduler callback and pass Trainer(accumulate_grad_batches=N) (Lightning's "
+                "DeepSpeedStrategy refuses the callback too, inside every worker)."
+            )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.worker_context is not None:
