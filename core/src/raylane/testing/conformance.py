@@ -267,17 +267,26 @@ class ResultsConformance(ConformanceBase):
             "initialise torch.distributed?)"
         )
 
+    def _fit_here_and_in_one_process(
+        self, tmp_path: Path, optimizer: str, global_batch: int, **flags: Any
+    ) -> tuple[pl.Trainer, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The same initial weights fitted on this backend and in one process with the union batch, as users train:
+        a validation loader and Lightning's default sanity check (see testing.equivalence). Returns the backend's
+        Trainer and both sets of final weights."""
+        distributed = ClassifierModel(optimizer=optimizer)
+        single = ClassifierModel(optimizer=optimizer)
+        single.load_state_dict(distributed.state_dict())
+        dataset = make_dataset(samples=128)
+        trainer = self.trainer(tmp_path, enable_checkpointing=False, **flags)
+        actual = fit_distributed(trainer, distributed, dataset, global_batch=global_batch)
+        return trainer, actual, fit_one_process(single, dataset, global_batch=global_batch, **flags)
+
     def test_same_weights_as_one_process_with_the_union_batch(self, tmp_path: Path) -> None:
-        # Trained as users train: a validation loader and Lightning's default sanity check (see testing.equivalence).
         for optimizer in ("sgd", "adam", "adamw"):
             torch.manual_seed(7)
-            distributed = ClassifierModel(optimizer=optimizer)
-            single = ClassifierModel(optimizer=optimizer)
-            single.load_state_dict(distributed.state_dict())
-            dataset = make_dataset(samples=128)
-            trainer = self.trainer(tmp_path, max_epochs=2, enable_checkpointing=False)
-            actual = fit_distributed(trainer, distributed, dataset, global_batch=16 * self.workers)
-            expected = fit_one_process(single, dataset, global_batch=16 * self.workers, max_epochs=2)
+            _, actual, expected = self._fit_here_and_in_one_process(
+                tmp_path, optimizer, 16 * self.workers, max_epochs=2
+            )
             assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, {optimizer}")
 
     def test_accumulated_gradients_give_the_weights_of_one_process(self, tmp_path: Path) -> None:
@@ -286,14 +295,9 @@ class ResultsConformance(ConformanceBase):
         # one that counts batches across epochs steps elsewhere. SGD, because Adam's step hardly depends on the
         # gradient's scale and would hide the first.
         torch.manual_seed(13)
-        distributed = ClassifierModel(optimizer="sgd")
-        single = ClassifierModel(optimizer="sgd")
-        single.load_state_dict(distributed.state_dict())
-        dataset = make_dataset(samples=128)
-        steps = {"max_epochs": 2, "accumulate_grad_batches": 3}
-        trainer = self.trainer(tmp_path, enable_checkpointing=False, **steps)
-        actual = fit_distributed(trainer, distributed, dataset, global_batch=8 * self.workers)
-        expected = fit_one_process(single, dataset, global_batch=8 * self.workers, **steps)
+        trainer, actual, expected = self._fit_here_and_in_one_process(
+            tmp_path, "sgd", 8 * self.workers, max_epochs=2, accumulate_grad_batches=3
+        )
         batches_per_epoch = 128 // (8 * self.workers)
         assert trainer.global_step == 2 * math.ceil(batches_per_epoch / 3), "a step every 3 batches and at epoch end"
         assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, accumulated")
