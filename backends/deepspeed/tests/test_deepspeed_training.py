@@ -4,7 +4,7 @@ Stage 2 (the default) is compared with one process, with SGD and Adam and with a
 conformance suite; here stage 3 with both, stage 1 with Adam (SGD keeps no optimizer state to shard), and ZeRO-3 with
 optimizer and parameter offload, with Adam and with SGD over accumulated gradients, all trained as users train (a
 validation loader and the default sanity check). Then a ZeRO-3 checkpoint: what reaches the driver, and a resume from
-it that lands on the weights of an uninterrupted run.
+it that lands on the weights of an uninterrupted run. Last, the settings refused with a message saying what to pass.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from pytorch_lightning.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
-from raylane import ConfigurationError, get_strategy
+from raylane import ConfigurationError, WorkerError, get_strategy
 from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_dataset
 from raylane.testing.equivalence import (
     QUIET,
@@ -129,4 +129,16 @@ def test_an_accumulation_schedule_is_rejected_before_any_actor_starts(tmp_path: 
     trainer = ray_trainer(tmp_path, {}, callbacks=[GradientAccumulationScheduler({0: 1, 1: 3})])
     with pytest.raises(ConfigurationError, match="one accumulate_grad_batches for the whole fit"):
         trainer.fit(ClassifierModel(), distributed_loader(make_dataset(), GLOBAL_BATCH, WORKERS), validation_loader())
+    assert_released()
+
+
+def test_fp16_on_cpus_without_fp16_kernels_says_what_to_train_with(tmp_path: Path) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this CPU has fp16 kernels, and DeepSpeed trains in fp16 on it")
+    trainer = ray_trainer(tmp_path, {}, precision="16-mixed")
+    with pytest.raises(WorkerError, match=r"precision='16-mixed'.*Trainer\(precision='bf16-mixed'\)") as raised:
+        trainer.fit(ClassifierModel(), distributed_loader(make_dataset(samples=32), GLOBAL_BATCH, WORKERS))
+    assert isinstance(raised.value.__cause__, ConfigurationError), "raised by raylane, before DeepSpeed's own check"
     assert_released()

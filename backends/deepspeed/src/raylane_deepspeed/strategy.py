@@ -136,7 +136,23 @@ class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_bas
         # Lightning's DeepSpeedStrategy accepts CUDA devices only; DeepSpeed's CPU accelerator runs ZeRO over gloo.
         assert self.accelerator is not None
         self.accelerator.setup_device(self.root_device)
+        self._check_cpu_supports_fp16()
         self.setup_distributed()
+
+    def _check_cpu_supports_fp16(self) -> None:
+        # DeepSpeed's engine checks this too, but its "Type fp16 is not supported on your device." says neither why
+        # nor what to train with instead. Checked on the worker: whether a CPU has fp16 kernels is the worker's matter.
+        from deepspeed.accelerator import get_accelerator
+
+        precision = self.precision_plugin.precision
+        assert isinstance(self.config, dict)
+        asks_fp16 = precision in ("16-mixed", "16-true") or self.config.get("fp16", {}).get("enabled") is True
+        if asks_fp16 and not get_accelerator().is_fp16_supported():
+            raise ConfigurationError(
+                f"precision={precision!r} asks DeepSpeed for fp16, which its CPU accelerator cannot train with on this "
+                "worker's CPU (oneDNN has no fp16 kernels for it). Use Trainer(precision='bf16-mixed') (DeepSpeed "
+                "keeps fp32 master weights in the optimizer) or '32-true', or train on GPU workers (use_gpu=True)."
+            )
 
     def setup_distributed(self) -> None:
         # The backend's raylane_setup_process_group hook already joined the run's group and handed it to DeepSpeed;
