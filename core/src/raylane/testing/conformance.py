@@ -68,6 +68,8 @@ class ConformanceBase:
     workers: ClassVar[int] = 2
     # Float tolerance for "same weights as one process": allreduce sums in a different order.
     weight_tolerance: ClassVar[float] = 1e-6
+    # The same with Trainer(precision="bf16-mixed"): bf16 keeps 8 bits of mantissa.
+    bf16_weight_tolerance: ClassVar[float] = 5e-3
 
     @pytest.fixture(autouse=True)
     def _ray(self) -> None:
@@ -268,12 +270,12 @@ class ResultsConformance(ConformanceBase):
         )
 
     def _fit_here_and_in_one_process(
-        self, tmp_path: Path, optimizer: str, global_batch: int, **flags: Any
+        self, tmp_path: Path, optimizer: str, global_batch: int, report_dir: str | None = None, **flags: Any
     ) -> tuple[pl.Trainer, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The same initial weights fitted on this backend and in one process with the union batch, as users train:
         a validation loader and Lightning's default sanity check (see testing.equivalence). Returns the backend's
         Trainer and both sets of final weights."""
-        distributed = ClassifierModel(optimizer=optimizer)
+        distributed = ClassifierModel(optimizer=optimizer, report_dir=report_dir)
         single = ClassifierModel(optimizer=optimizer)
         single.load_state_dict(distributed.state_dict())
         dataset = make_dataset(samples=128)
@@ -301,6 +303,28 @@ class ResultsConformance(ConformanceBase):
         batches_per_epoch = 128 // (8 * self.workers)
         assert trainer.global_step == 2 * math.ceil(batches_per_epoch / 3), "a step every 3 batches and at epoch end"
         assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, accumulated")
+
+    def test_bf16_mixed_precision_reaches_the_workers_and_trains_as_one_process(self, tmp_path: Path) -> None:
+        # Trainer(precision=...) is set on the driver; every rank must compute in it, and its gradients must still be
+        # reduced, accumulated and scaled as in one process. SGD over accumulated batches, which shows a gradient of
+        # the wrong size (Adam would hide it). bf16 rounds differently with the batch split across ranks, so the
+        # weights agree to bf16's precision only: about 2e-3 apart on the built-in backends, where a gradient
+        # divided twice by the accumulation put them 3e-2 apart.
+        torch.manual_seed(17)
+        trainer, actual, expected = self._fit_here_and_in_one_process(
+            tmp_path,
+            "sgd",
+            8 * self.workers,
+            report_dir=str(tmp_path),
+            max_epochs=1,
+            accumulate_grad_batches=3,
+            precision="bf16-mixed",
+        )
+        reports = sorted(tmp_path.glob("train-step-rank*.json"))
+        assert len(reports) == self.workers, f"every rank trains: {reports}"
+        assert {json.loads(path.read_text())["logits_dtype"] for path in reports} == {"torch.bfloat16"}
+        assert trainer.global_step == math.ceil(128 // (8 * self.workers) / 3)
+        assert_same_weights(actual, expected, atol=self.bf16_weight_tolerance, what=f"{self.backend}, bf16-mixed")
 
     @pytest.mark.usefixtures("nothing_idle")
     def test_entry_points_reuse_warm_workers_until_released(self, tmp_path: Path) -> None:

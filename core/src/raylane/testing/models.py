@@ -34,7 +34,7 @@ class ClassifierModel(pl.LightningModule):
     ``optimizer``: ``"sgd"``, ``"adam"`` or ``"adamw"`` (weight decay 0.1: the optimizer most users train with, whose
     ``defaults`` hold an entry its constructor does not take).
     ``report_dir``: every rank writes what it saw (ranks, sampler, initial weights, node, the ``report_env``
-    variables) there as JSON.
+    variables; the dtype its first training batch computed in) there as JSON.
     ``dropout``: the probability of zeroing an input in training; above 0, each step draws from the worker's torch
     random number generator, so a run's weights depend on that generator's state.
     ``fail_on_rank`` / ``fail_at_step`` / ``fail_mode``: make one rank raise, kill its own process (``"kill"``),
@@ -64,8 +64,12 @@ class ClassifierModel(pl.LightningModule):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.layer(self.dropout(inputs))
 
-    def _loss(self, batch: Any) -> torch.Tensor:
+    def _inputs_and_targets(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = batch
+        return inputs, targets
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        inputs, targets = self._inputs_and_targets(batch)
         return nn.functional.cross_entropy(self(inputs), targets)
 
     def on_train_start(self) -> None:
@@ -102,7 +106,11 @@ class ClassifierModel(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         if self.global_rank == self.hparams.fail_on_rank and self.global_step >= self.hparams.fail_at_step:
             self._inject_failure()
-        loss = self._loss(batch)
+        inputs, targets = self._inputs_and_targets(batch)
+        logits = self(inputs)
+        if self.hparams.report_dir is not None and batch_idx == 0:
+            self._report("train-step", {"logits_dtype": str(logits.dtype)})  # the Trainer's precision at work
+        loss = nn.functional.cross_entropy(logits, targets)
         self.log("train_loss", loss)
         return loss
 
