@@ -234,6 +234,24 @@ def ensure_ray(cpus_needed: float) -> None:
     _init_local(_cpus_for(cpus_needed), [])
 
 
+def owns_running_ray() -> bool:
+    """Whether the Ray this process runs is a local one raylane started here (not the script's own, not a cluster)."""
+    return _ray_is_ours and ray.is_initialized()
+
+
+def stop_own_ray() -> None:
+    """Stop the local Ray raylane started in this process now, as at exit; nothing when :func:`owns_running_ray` is
+    false. For a caller that needs a Ray of another size next (a test suite's helper)."""
+    global _ray_is_ours
+    if not owns_running_ray():
+        return
+    if _background is not None:
+        _stop_background(_background)  # also ends the thread Ray's processes are tied to
+    else:
+        _ray.stop_ray()
+    _ray_is_ours = False
+
+
 def _take_import_start(cpus_needed: float) -> None:
     """A Trainer takes the Ray started at import. It has this machine's CPU count; a Trainer that asks for more
     (``workers=4`` on a 2-core laptop, oversubscribed on purpose) would wait forever on it, so it is restarted with

@@ -9,19 +9,28 @@ from pathlib import Path
 import ray
 from ray.util import list_named_actors, placement_group_table
 
-from raylane import _ray, release_idle_workers
+from raylane import _ray, local_ray, release_idle_workers
 
 TEST_CPUS = 4  # two workers plus room for the trial drivers Tune tests add; oversubscribes a 2-core machine on purpose
 
 
 def ensure_local_ray(num_cpus: int = TEST_CPUS) -> None:
-    """Start a local Ray for tests unless one is already running in this process."""
-    if not ray.is_initialized():
-        # address="local": a new instance of our own, never a cluster another process left running on this machine.
-        # Its dashboard agent on a free port: the Rays a test starts beside it (a script's, a cluster's head) then
-        # find Ray's default one free instead of waiting 3.4 s for it (raylane._ray.agent_port_of_its_own).
-        with _ray.agent_port_of_its_own():
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    """Start a local Ray of ``num_cpus`` CPUs for tests unless this process runs one with at least that many.
+
+    A smaller one that an earlier test's Trainer started (raylane sizes its own Ray for the workers, no more) is
+    replaced, so a subset of the suite runs in any order. A Ray the tests set up themselves (a simulated cluster) is
+    left as it is.
+    """
+    if ray.is_initialized():
+        if not local_ray.owns_running_ray() or ray.cluster_resources().get("CPU", 0) >= num_cpus:
+            return
+        release_dropped_trainers_workers()
+        local_ray.stop_own_ray()
+    # address="local": a new instance of our own, never a cluster another process left running on this machine.
+    # Its dashboard agent on a free port: the Rays a test starts beside it (a script's, a cluster's head) then
+    # find Ray's default one free instead of waiting 3.4 s for it (raylane._ray.agent_port_of_its_own).
+    with _ray.agent_port_of_its_own():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def release_dropped_trainers_workers() -> None:
