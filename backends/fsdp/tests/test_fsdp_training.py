@@ -13,7 +13,8 @@ fit once:
   ``parallelize_module`` (column- then row-wise Linear layers); the strategy adds FSDP on the data-parallel dimension.
 
 A predict_step that calls the layers directly instead of ``self(x)`` predicts the same as one process, from a
-dataloader with a length and from a Ray Dataset (streamed, no length).
+dataloader with a length and from a Ray Dataset (streamed, no length). A model built on the meta device comes back
+trained to the driver.
 """
 
 from __future__ import annotations
@@ -341,4 +342,21 @@ def test_predict_step_that_calls_layers_directly_predicts_like_one_process(
     with torch.no_grad():
         expected = model(torch.stack([inputs[i] for i in ids]))
     torch.testing.assert_close(torch.cat([batch["output"] for batch in streamed]), expected, atol=1e-4, rtol=0)
+    assert_released()
+
+
+def test_a_model_built_on_the_meta_device_comes_back_trained_and_validates_as_trained(tmp_path: Path) -> None:
+    # trainer.init_module(empty_init=True) builds the driver's model on the meta device and each worker allocates only
+    # its shard. The trained weights must still land in the driver's model: copied into meta tensors they vanished,
+    # and a validate() after fit evaluated freshly initialised weights.
+    ensure_local_ray()
+    trainer = fsdp_trainer(2, tmp_path, epochs=2, enable_checkpointing=False)
+    with trainer.init_module(empty_init=True):
+        model = MLPClassifier()
+    assert model.layer[0].weight.is_meta
+    trainer.fit(model, distributed_loader(2), val_loader())
+    after_fit = float(trainer.callback_metrics["val_loss"])
+    assert not any(tensor.is_meta for tensor in model.state_dict().values()), "the driver holds the trained weights"
+    [validated] = trainer.validate(model, val_loader())
+    assert validated["val_loss"] == pytest.approx(after_fit, abs=1e-5), "validate() evaluates the trained model"
     assert_released()

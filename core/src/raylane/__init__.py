@@ -16,6 +16,7 @@ from raylane.errors import (
     ResourceError,
     SerializationError,
     StorageError,
+    WeightsNotOnDriverWarning,
     WorkerError,
 )
 from raylane.hookspecs import hookimpl
@@ -34,6 +35,7 @@ __all__ = [
     "ResourceError",
     "SerializationError",
     "StorageError",
+    "WeightsNotOnDriverWarning",
     "WorkerContext",
     "WorkerError",
     "get_strategy",

@@ -99,3 +99,8 @@ def _rebuild_worker_error(
         except Exception:  # the class's own __init__ or __new__ wants other arguments
             pass
     return WorkerError(message, rank=rank, node_ip=node_ip, node_id=node_id)
+
+
+class WeightsNotOnDriverWarning(UserWarning):
+    """Weights the workers trained that the driver's LightningModule has no place for (layers built in
+    ``configure_model``): they stay in the checkpoints, not in the driver's model."""

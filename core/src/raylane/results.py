@@ -8,15 +8,18 @@ rank 0's files (another node, a Ray Client driver, another working directory), a
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import ray
+import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
 from raylane import _lightning
+from raylane.errors import WeightsNotOnDriverWarning
 from raylane.storage import is_remote
 from raylane.weights import pack_state_dict, unpack_state_dict
 
@@ -87,8 +90,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
 def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost) -> None:
     """Make the driver's Trainer and LightningModule look as if the entry point had run in this process."""
     if output.state_dict is not None:
-        # Not strict, as Lightning's spawn launcher: configure_model may add layers only the workers built.
-        trainer.lightning_module.load_state_dict(unpack_state_dict(output.state_dict), strict=False)
+        load_trained_weights(trainer.lightning_module, unpack_state_dict(output.state_dict))
     trainer.state = output.trainer_state
     trainer.callback_metrics.update(output.callback_metrics)
     trainer.logged_metrics.update(output.logged_metrics)
@@ -168,3 +170,65 @@ def _per_dataloader(predictions: list[Any], num_dataloaders: int) -> list[list[A
 
 def _to_cpu(data: Any) -> Any:
     return apply_to_collection(data, Tensor, lambda tensor: tensor.detach().cpu())
+
+
+# torch.compile(submodule) on the workers (in configure_model) names that submodule's weights "<name>._orig_mod.<...>".
+COMPILED_PREFIX = "_orig_mod."
+SHOWN_NAMES = 6
+
+
+def load_trained_weights(module: torch.nn.Module, state_dict: dict[str, Any]) -> None:
+    """Load the workers' weights into the driver's module, and say so loudly when some have nowhere to go.
+
+    Not strict, as Lightning's spawn launcher: the workers' model may hold layers the driver's lacks (built in
+    ``configure_model``). Lightning drops those silently; then a later validate/test/predict with this module builds
+    them afresh, untrained, and evaluates that. Weights renamed by ``torch.compile`` on the workers are renamed back.
+    """
+    driver_names = set(module.state_dict())
+    state_dict = {_driver_name(name, driver_names): value for name, value in state_dict.items()}
+    # A model built on the meta device (trainer.init_module(empty_init=True)) has no storage to copy into: copying
+    # leaves it empty, and the next entry point would start from fresh weights. Take the trained tensors as they are.
+    on_meta = any(tensor.is_meta for tensor in module.state_dict().values())
+    tied = _tied_parameter_names(module) if on_meta else []
+    loaded = module.load_state_dict(state_dict, strict=False, assign=on_meta)
+    for names in tied:
+        _tie(module, names)
+    if loaded.unexpected_keys:
+        warnings.warn(_not_on_driver(loaded.unexpected_keys, loaded.missing_keys), WeightsNotOnDriverWarning, 2)
+
+
+def _tied_parameter_names(module: torch.nn.Module) -> list[list[str]]:
+    """The names of each parameter that several modules share (tied input and output embeddings, say)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def _tie(module: torch.nn.Module, names: list[str]) -> None:
+    """Share the first name's parameter under the others again (loading by assignment gives each its own)."""
+    shared = module.get_parameter(names[0])
+    for name in names[1:]:
+        owner, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(owner), attribute, shared)
+
+
+def _driver_name(name: str, driver_names: set[str]) -> str:
+    plain = name.replace(COMPILED_PREFIX, "")
+    return plain if name not in driver_names and plain in driver_names else name
+
+
+def _not_on_driver(unexpected: list[str], missing: list[str]) -> str:
+    kept = f" The driver's model kept its own values of {_names(missing)}." if missing else ""
+    return (
+        f"raylane: {len(unexpected)} trained tensors have no place in the driver's LightningModule "
+        f"({_names(unexpected)}): the workers' model has layers this one lacks, built in configure_model.{kept} "
+        "A later validate/test/predict given this model builds those layers afresh, untrained: pass "
+        "ckpt_path='best' (or 'last', or a path) to use the trained weights, or create the layers in __init__ so that "
+        "this model holds them."
+    )
+
+
+def _names(keys: list[str]) -> str:
+    more = f" and {len(keys) - SHOWN_NAMES} more" if len(keys) > SHOWN_NAMES else ""
+    return ", ".join(keys[:SHOWN_NAMES]) + more

@@ -1,0 +1,57 @@
+"""How the driver's LightningModule takes in the weights the workers trained (``raylane.results.load_trained_weights``),
+for the models whose weights do not load by a plain copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from raylane import WeightsNotOnDriverWarning
+from raylane.results import load_trained_weights
+
+
+class TiedEmbeddings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4)
+        self.out = nn.Linear(4, 5, bias=False)
+        self.out.weight = self.embed.weight
+
+
+def trained(module: nn.Module) -> dict[str, torch.Tensor]:
+    """What comes back from the workers: new tensors, one per name, tied or not."""
+    return {name: torch.randn(value.shape) for name, value in module.state_dict().items()}
+
+
+def test_a_model_built_on_the_meta_device_takes_the_trained_tensors_and_keeps_its_ties() -> None:
+    with torch.device("meta"):
+        model = TiedEmbeddings()
+    weights = trained(model)
+    weights["out.weight"] = weights["embed.weight"].clone()
+    load_trained_weights(model, weights)
+    assert not model.embed.weight.is_meta and torch.equal(model.embed.weight, weights["embed.weight"])
+    assert model.out.weight is model.embed.weight, "tied weights stay one parameter"
+    assert model.embed.weight.requires_grad
+
+
+def test_a_model_with_storage_is_copied_into_in_place() -> None:
+    model = TiedEmbeddings()
+    parameter = model.embed.weight
+    weights = trained(model)
+    load_trained_weights(model, weights)
+    assert model.embed.weight is parameter and torch.equal(parameter, weights["out.weight"])
+
+
+def test_names_torch_compile_gave_on_the_workers_are_taken_back() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    weights = {f"0._orig_mod.{name}": torch.randn(value.shape) for name, value in model[0].state_dict().items()}
+    load_trained_weights(model, weights)
+    assert torch.equal(model[0].weight, weights["0._orig_mod.weight"])
+
+
+def test_trained_tensors_the_model_has_no_place_for_are_named() -> None:
+    model = nn.Sequential(nn.Linear(2, 2))
+    weights = {**trained(model), "1.weight": torch.randn(2, 2)}
+    with pytest.warns(WeightsNotOnDriverWarning, match=r"1 trained tensors .*\(1\.weight\)"):
+        load_trained_weights(model, weights)
