@@ -14,9 +14,17 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from torch import nn
 
-from raylane import get_strategy
-from raylane.testing import ClassifierModel, ensure_local_ray, env_without_ray_address, make_loader, quiet_trainer
+from raylane import SerializationError, WeightsNotOnDriverWarning, get_strategy
+from raylane.testing import (
+    ClassifierModel,
+    assert_released,
+    ensure_local_ray,
+    env_without_ray_address,
+    make_loader,
+    quiet_trainer,
+)
 
 
 @pytest.mark.timeout(240)
@@ -169,6 +177,66 @@ def test_logged_metrics_and_the_best_checkpoint_score_come_back(tmp_path: Path) 
     [state] = [value for key, value in saved.items() if key.startswith("ModelCheckpoint")]
     assert float(state["best_model_score"]) == pytest.approx(float(best.best_model_score))
     assert set(best.best_k_models) == {best.best_model_path}
+
+
+class CompiledOnTheWorkers(ClassifierModel):
+    """What the refusal of a compiled model tells users to write."""
+
+    def configure_model(self) -> None:
+        self.compile()
+
+
+class CompilesALayerOnTheWorkers(ClassifierModel):
+    """torch.compile(submodule) on the workers: the weights' names gain "_orig_mod." there."""
+
+    def configure_model(self) -> None:
+        if not isinstance(self.layer, torch._dynamo.eval_frame.OptimizedModule):
+            self.layer = torch.compile(self.layer)  # type: ignore[assignment]
+
+
+class HeadBuiltOnTheWorkers(ClassifierModel):
+    """A layer only the workers build (Lightning's advice for models too big for one process)."""
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "head"):
+            self.head = nn.Linear(3, 3)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.head(super().forward(inputs))  # type: ignore[no-any-return]
+
+
+@pytest.mark.timeout(240)
+def test_a_compiled_model_is_refused_with_a_way_to_compile_on_the_workers_that_works(tmp_path: Path) -> None:
+    ensure_local_ray()
+    strategy = get_strategy("ddp", workers=2, idle_timeout=0)
+    with pytest.raises(SerializationError, match=r"def configure_model\(self\): self\.compile\(\)"):
+        quiet_trainer(strategy=strategy, max_epochs=1, default_root_dir=str(tmp_path)).fit(
+            torch.compile(ClassifierModel()), make_loader(8)
+        )
+    assert_released()
+    for model in (CompiledOnTheWorkers(), CompilesALayerOnTheWorkers()):
+        initial = model.layer.weight.detach().clone()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", WeightsNotOnDriverWarning)
+            trainer = quiet_trainer(
+                strategy=get_strategy("ddp", workers=2), default_root_dir=str(tmp_path), max_epochs=1
+            )
+            trainer.fit(model, make_loader(8))
+        assert not torch.equal(model.layer.weight, initial), f"{type(model).__name__}: trained weights come back"
+
+
+@pytest.mark.timeout(180)
+def test_trained_layers_the_drivers_model_lacks_are_named_and_the_checkpoint_holds_them(tmp_path: Path) -> None:
+    # Lightning's spawn launcher drops them silently, and a validate() after fit then evaluates a fresh, untrained
+    # head; the warning says so and points to the checkpoint, which evaluates the trained one.
+    ensure_local_ray()
+    model = HeadBuiltOnTheWorkers()
+    trainer = quiet_trainer(strategy=get_strategy("ddp", workers=2), max_epochs=2, default_root_dir=str(tmp_path))
+    with pytest.warns(WeightsNotOnDriverWarning, match=r"\(head\.weight, head\.bias\).*ckpt_path='best'"):
+        trainer.fit(model, make_loader(8), make_loader(8))
+    after_fit = float(trainer.callback_metrics["val_loss"])
+    [validated] = trainer.validate(model, make_loader(8), ckpt_path="best")
+    assert validated["val_loss"] == pytest.approx(after_fit), "the best checkpoint is the last epoch's model"
 
 
 PRELOAD_SCRIPT = """

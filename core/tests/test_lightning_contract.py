@@ -113,3 +113,19 @@ def test_the_loop_says_which_batches_end_in_an_optimizer_step(lightning: ModuleT
     trainer.fit(model, data)
     assert seen == [False, False, True, False, False, True, False, True] * 2
     assert trainer.global_step == 6
+
+
+def test_an_entry_point_given_a_compiled_model_marks_the_module_it_unwraps(lightning: ModuleType) -> None:
+    """raylane refuses a ``torch.compile``'d model before pickling it, saying how to compile on the workers instead
+    (``_lightning.compiled_by_torch_compile``): the mark Lightning leaves on the module it unwraps."""
+    marks: list[bool] = []
+
+    class Record(lightning.Callback):  # type: ignore[name-defined,misc]
+        def on_fit_start(self, trainer: object, module: object) -> None:
+            marks.append(_lightning.compiled_by_torch_compile(module))
+
+    model = importlib.import_module(f"{lightning.__name__}.demos.boring_classes").BoringModel()
+    flags = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    lightning.Trainer(max_steps=1, callbacks=[Record()], **flags).fit(model)
+    lightning.Trainer(max_steps=1, callbacks=[Record()], **flags).fit(torch.compile(model, backend="eager"))
+    assert marks == [False, True]

@@ -211,6 +211,12 @@ def steps_after_this_batch(trainer: pl.Trainer) -> bool:
     return not trainer.fit_loop._should_accumulate()
 
 
+def compiled_by_torch_compile(module: object) -> bool:
+    """Whether the entry point got ``torch.compile(module)``: Lightning unwraps the compiled module and keeps torch's
+    compiled callables on the LightningModule (``_compiler_ctx``), which cannot be pickled to the workers."""
+    return getattr(module, "_compiler_ctx", None) is not None
+
+
 def with_ckpt_path(
     function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], ckpt_path: str
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -16,6 +16,7 @@ import ray
 import torch
 from ray import cloudpickle
 
+from raylane import _lightning
 from raylane.errors import SerializationError
 
 if TYPE_CHECKING:
@@ -63,8 +64,19 @@ class LaunchPayload:
     global_state: GlobalTorchState
 
 
+COMPILED_MODEL = (
+    "The model went through torch.compile on the driver, and torch's compiled functions cannot be pickled to send "
+    "them to the Ray workers (Lightning's ddp_spawn cannot send them either). Pass the model uncompiled and compile "
+    "it on the workers, in the LightningModule's configure_model hook: `def configure_model(self): self.compile()` "
+    "(nn.Module.compile compiles in place, so the state_dict keeps its keys and the trained weights come back to this "
+    "model); compile a submodule the same way, with self.<submodule>.compile()."
+)
+
+
 def put_payload(payload: LaunchPayload) -> ray.ObjectRef:
     """Store the payload once in Ray's object store, or explain which part cannot be pickled."""
+    if _lightning.compiled_by_torch_compile(payload.trainer.lightning_module):
+        raise SerializationError(COMPILED_MODEL)
     try:
         return ray.put(payload)
     except Exception as err:
@@ -72,9 +84,10 @@ def put_payload(payload: LaunchPayload) -> ray.ObjectRef:
             (payload.args, payload.kwargs), "the entry point's arguments"
         )
         where = culprit or "the Trainer or one of its callbacks/loggers"
+        cause = err.__cause__ or err  # Ray's own error repeats the repr of the whole payload
         raise SerializationError(
             f"raylane must pickle the Trainer and LightningModule to send them to the Ray workers, but {where} "
-            f"cannot be pickled ({type(err).__name__}: {err}). Create such objects inside the LightningModule's "
+            f"cannot be pickled ({type(cause).__name__}: {cause}). Create such objects inside the LightningModule's "
             "hooks (setup/configure_model) or exclude them in __getstate__."
         ) from err
 
