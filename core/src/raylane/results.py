@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import KeysView
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,11 +185,11 @@ def load_trained_weights(module: torch.nn.Module, state_dict: dict[str, Any]) ->
     ``configure_model``). Lightning drops those silently; then a later validate/test/predict with this module builds
     them afresh, untrained, and evaluates that. Weights renamed by ``torch.compile`` on the workers are renamed back.
     """
-    driver_names = set(module.state_dict())
-    state_dict = {_driver_name(name, driver_names): value for name, value in state_dict.items()}
+    driver_tensors = module.state_dict()
+    state_dict = {_driver_name(name, driver_tensors.keys()): value for name, value in state_dict.items()}
     # A model built on the meta device (trainer.init_module(empty_init=True)) has no storage to copy into: copying
     # leaves it empty, and the next entry point would start from fresh weights. Take the trained tensors as they are.
-    on_meta = any(tensor.is_meta for tensor in module.state_dict().values())
+    on_meta = any(tensor.is_meta for tensor in driver_tensors.values())
     tied = _tied_parameter_names(module) if on_meta else []
     loaded = module.load_state_dict(state_dict, strict=False, assign=on_meta)
     for names in tied:
@@ -213,7 +214,7 @@ def _tie(module: torch.nn.Module, names: list[str]) -> None:
         setattr(module.get_submodule(owner), attribute, shared)
 
 
-def _driver_name(name: str, driver_names: set[str]) -> str:
+def _driver_name(name: str, driver_names: KeysView[str]) -> str:
     plain = name.replace(COMPILED_PREFIX, "")
     return plain if name not in driver_names and plain in driver_names else name
 
