@@ -8,17 +8,18 @@ import sys
 import textwrap
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
-from torch import nn
 
-from raylane import SerializationError, WeightsNotOnDriverWarning, get_strategy
+from raylane import SerializationError, WeightsNotOnDriverWarning, get_strategy, trained_state_dict
 from raylane.testing import (
     ClassifierModel,
+    HeadBuiltInConfigureModel,
     assert_released,
     ensure_local_ray,
     env_without_ray_address,
@@ -179,6 +180,29 @@ def test_logged_metrics_and_the_best_checkpoint_score_come_back(tmp_path: Path) 
     assert set(best.best_k_models) == {best.best_model_path}
 
 
+@pytest.mark.timeout(180)
+def test_an_early_stop_leaves_the_drivers_trainer_as_one_process_leaves_its_own(tmp_path: Path) -> None:
+    # A script that asks `if trainer.should_stop:` after fit, or reads where the early stop came, gets one process's
+    # answer.
+    ensure_local_ray()
+
+    def fit(root: Path, **placement: Any) -> tuple[pl.Trainer, EarlyStopping]:
+        stop = EarlyStopping(monitor="val_loss", min_delta=10.0, patience=1)  # no epoch beats the first by 10
+        trainer = quiet_trainer(max_epochs=5, callbacks=[stop], default_root_dir=str(root), **placement)
+        trainer.fit(ClassifierModel(), make_loader(8), make_loader(8))
+        return trainer, stop
+
+    here, stop_here = fit(tmp_path / "ray", strategy=get_strategy("ddp", workers=2, idle_timeout=0))
+    one, stop_one = fit(tmp_path / "one", accelerator="cpu", devices=1)
+    assert one.should_stop and one.current_epoch < 5, "the early stop this test is about happens"
+    assert here.should_stop, "trainer.should_stop on the driver after an early stop"
+    assert (here.current_epoch, stop_here.stopped_epoch, stop_here.wait_count) == (
+        one.current_epoch,
+        stop_one.stopped_epoch,
+        stop_one.wait_count,
+    )
+
+
 class CompiledOnTheWorkers(ClassifierModel):
     """What the refusal of a compiled model tells users to write."""
 
@@ -192,17 +216,6 @@ class CompilesALayerOnTheWorkers(ClassifierModel):
     def configure_model(self) -> None:
         if not isinstance(self.layer, torch._dynamo.eval_frame.OptimizedModule):
             self.layer = torch.compile(self.layer)  # type: ignore[assignment]
-
-
-class HeadBuiltOnTheWorkers(ClassifierModel):
-    """A layer only the workers build (Lightning's advice for models too big for one process)."""
-
-    def configure_model(self) -> None:
-        if not hasattr(self, "head"):
-            self.head = nn.Linear(3, 3)
-
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.head(super().forward(inputs))  # type: ignore[no-any-return]
 
 
 @pytest.mark.timeout(240)
@@ -226,17 +239,25 @@ def test_a_compiled_model_is_refused_with_a_way_to_compile_on_the_workers_that_w
 
 
 @pytest.mark.timeout(180)
-def test_trained_layers_the_drivers_model_lacks_are_named_and_the_checkpoint_holds_them(tmp_path: Path) -> None:
-    # Lightning's spawn launcher drops them silently, and a validate() after fit then evaluates a fresh, untrained
-    # head; the warning says so and points to the checkpoint, which evaluates the trained one.
+def test_trained_layers_the_drivers_model_lacks_are_named_and_a_second_fit_trains_on_from_them(tmp_path: Path) -> None:
+    # Lightning's spawn launcher drops them silently, and the next entry point then starts from a fresh, untrained
+    # head; raylane names them and keeps them with the model for its next entry point. The checkpoint holds them too.
     ensure_local_ray()
-    model = HeadBuiltOnTheWorkers()
+    model = HeadBuiltInConfigureModel()
     trainer = quiet_trainer(strategy=get_strategy("ddp", workers=2), max_epochs=2, default_root_dir=str(tmp_path))
-    with pytest.warns(WeightsNotOnDriverWarning, match=r"\(head\.weight, head\.bias\).*ckpt_path='best'"):
+    with pytest.warns(WeightsNotOnDriverWarning, match=r"\(head\.weight, head\.bias\).*raylane\.trained_state_dict"):
         trainer.fit(model, make_loader(8), make_loader(8))
     after_fit = float(trainer.callback_metrics["val_loss"])
+    trained_head = trained_state_dict(model)["head.weight"].clone()
     [validated] = trainer.validate(model, make_loader(8), ckpt_path="best")
     assert validated["val_loss"] == pytest.approx(after_fit), "the best checkpoint is the last epoch's model"
+    # A second fit that cannot move the weights starts where the first ended, so it ends there too.
+    model.hparams.lr = 0.0
+    again = quiet_trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, default_root_dir=str(tmp_path / "2"))
+    with pytest.warns(WeightsNotOnDriverWarning):
+        again.fit(model, make_loader(8), make_loader(8))
+    assert float(again.callback_metrics["val_loss"]) == pytest.approx(after_fit), "the second fit's head is trained"
+    torch.testing.assert_close(trained_state_dict(model)["head.weight"], trained_head)
 
 
 PRELOAD_SCRIPT = """

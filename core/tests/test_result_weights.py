@@ -1,5 +1,6 @@
 """How the driver's LightningModule takes in the weights the workers trained (``raylane.results.load_trained_weights``),
-for the models whose weights do not load by a plain copy."""
+for the models whose weights do not load by a plain copy, and how the weights it has no place for reach the workers'
+model at its next entry point (``raylane.worker_only_weights``)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from raylane import WeightsNotOnDriverWarning
+from raylane import WeightsNotOnDriverWarning, trained_state_dict
 from raylane.results import load_trained_weights
+from raylane.worker_only_weights import copy_into, kept
 
 
 class TiedEmbeddings(nn.Module):
@@ -50,8 +52,22 @@ def test_names_torch_compile_gave_on_the_workers_are_taken_back() -> None:
     assert torch.equal(model[0].weight, weights["0._orig_mod.weight"])
 
 
-def test_trained_tensors_the_model_has_no_place_for_are_named() -> None:
+def test_trained_tensors_the_model_has_no_place_for_are_named_and_kept_until_the_next_fit() -> None:
     model = nn.Sequential(nn.Linear(2, 2))
     weights = {**trained(model), "1.weight": torch.randn(2, 2)}
     with pytest.warns(WeightsNotOnDriverWarning, match=r"1 trained tensors .*\(1\.weight\)"):
         load_trained_weights(model, weights)
+    assert torch.equal(trained_state_dict(model)["1.weight"], weights["1.weight"])
+    assert torch.equal(trained_state_dict(model)["0.weight"], model[0].weight)
+    load_trained_weights(model, trained(model))  # a later fit whose model the driver holds whole
+    assert kept(model) == {}, "an earlier fit's weights do not outlive a fit that had none"
+
+
+def test_kept_weights_go_into_the_layers_the_workers_built_under_their_names() -> None:
+    # configure_model on the workers built what the driver lacks, compiled it (names gain "_orig_mod."), and left
+    # a layer on the meta device for the strategy to materialise later.
+    built = nn.ModuleDict({"head": torch.compile(nn.Linear(2, 2)), "late": nn.Linear(2, 2, device="meta")})
+    weights = {"head.weight": torch.randn(2, 2), "late.weight": torch.randn(2, 2), "gone.weight": torch.randn(1)}
+    copied = copy_into(built, weights)
+    assert copied == ["head.weight"], "the meta layer waits for its memory, a name the model lacks is skipped"
+    assert torch.equal(built["head"].weight, weights["head.weight"])

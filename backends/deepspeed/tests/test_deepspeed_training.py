@@ -4,7 +4,8 @@ Stage 2 (the default) is compared with one process, with SGD and Adam and with a
 conformance suite; here stage 3 with both, stage 1 with Adam (SGD keeps no optimizer state to shard), and ZeRO-3 with
 optimizer and parameter offload, with Adam and with SGD over accumulated gradients, all trained as users train (a
 validation loader and the default sanity check). Then a ZeRO-3 checkpoint: what reaches the driver, and a resume from
-it that lands on the weights of an uninterrupted run. Last, the settings refused with a message saying what to pass.
+it that lands on the weights of an uninterrupted run. A layer configure_model builds inside ZeRO-3's partitioning keeps
+its trained weights for the next entry point. Last, the settings refused with a message saying what to pass.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ from pytorch_lightning.callbacks import GradientAccumulationScheduler, ModelChec
 from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
 from raylane import ConfigurationError, WorkerError, get_strategy
-from raylane.testing import ClassifierModel, assert_released, ensure_local_ray, make_dataset
+from raylane.testing import (
+    ClassifierModel,
+    HeadBuiltInConfigureModel,
+    assert_released,
+    ensure_local_ray,
+    make_dataset,
+    make_loader,
+)
 from raylane.testing.equivalence import (
     QUIET,
     assert_same_weights,
+    assert_validate_after_fit_sees_the_trained_head,
     distributed_loader,
     fit_distributed,
     fit_one_process,
@@ -117,6 +126,15 @@ def test_zero3_checkpoints_reach_the_driver_and_resume(tmp_path: Path) -> None:
     uninterrupted.load_state_dict(initial)
     expected = fit_one_process(uninterrupted, dataset, GLOBAL_BATCH, max_epochs=4)
     assert_same_weights(after_resume, expected, atol=TOLERANCE, what="ZeRO-3 resumed from its directory")
+
+
+def test_a_layer_configure_model_builds_under_zero3_keeps_its_trained_weights_for_validate(tmp_path: Path) -> None:
+    # Under ZeRO-3, configure_model runs inside deepspeed.zero.Init: the workers' fresh head is partitioned before
+    # the trained weights the driver could not hold are copied in, so the copy must gather it first.
+    model = HeadBuiltInConfigureModel(optimizer="adam")
+    trainer = ray_trainer(tmp_path, {"stage": 3})
+    assert_validate_after_fit_sees_the_trained_head(trainer, model, make_loader(8), validation_loader())
+    assert_released()
 
 
 def test_clipping_by_value_is_rejected_before_any_actor_starts(tmp_path: Path) -> None:

@@ -14,7 +14,8 @@ fit once:
 
 A predict_step that calls the layers directly instead of ``self(x)`` predicts the same as one process, from a
 dataloader with a length and from a Ray Dataset (streamed, no length). A model built on the meta device comes back
-trained to the driver.
+trained to the driver. Layers that configure_model builds and shards itself keep their trained weights for the next
+entry point.
 """
 
 from __future__ import annotations
@@ -33,7 +34,15 @@ from torch.utils.data import DataLoader
 
 from raylane import get_strategy
 from raylane.data import from_ray
-from raylane.testing import ClassifierModel, ReferenceSampler, assert_released, ensure_local_ray, make_dataset
+from raylane.testing import (
+    ClassifierModel,
+    HeadBuiltInConfigureModel,
+    ReferenceSampler,
+    assert_released,
+    ensure_local_ray,
+    make_dataset,
+)
+from raylane.testing.equivalence import assert_validate_after_fit_sees_the_trained_head
 from raylane.testing.ray_data import make_ray_dataset
 from raylane_fsdp.checkpoint import load_full_checkpoint
 
@@ -359,4 +368,28 @@ def test_a_model_built_on_the_meta_device_comes_back_trained_and_validates_as_tr
     assert not any(tensor.is_meta for tensor in model.state_dict().values()), "the driver holds the trained weights"
     [validated] = trainer.validate(model, val_loader())
     assert validated["val_loss"] == pytest.approx(after_fit, abs=1e-5), "validate() evaluates the trained model"
+    assert_released()
+
+
+class ShardsItsOwnHead(HeadBuiltInConfigureModel):
+    """Lightning's pattern for models too big for one process: configure_model creates a layer and applies
+    ``fully_shard`` itself, so each rank only ever holds its shard of it."""
+
+    def configure_model(self) -> None:
+        if hasattr(self, "head"):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        self.head = nn.Linear(3, 3)
+        mesh = self.device_mesh["data_parallel"]
+        fully_shard(self.layer, mesh=mesh)
+        fully_shard(self.head, mesh=mesh)
+
+
+def test_layers_configure_model_builds_and_shards_keep_their_trained_weights_for_validate(tmp_path: Path) -> None:
+    # The driver's model has no head to hold its trained weights; the next entry point's workers build it afresh and
+    # shard it, and must then hold the trained head, each rank its own shard of it (as one process would keep it).
+    ensure_local_ray()
+    trainer = fsdp_trainer(2, tmp_path, epochs=2, enable_checkpointing=False)
+    assert_validate_after_fit_sees_the_trained_head(trainer, ShardsItsOwnHead(), distributed_loader(2), val_loader())
     assert_released()

@@ -23,6 +23,7 @@ from raylane.hookspecs import hookimpl
 from raylane.local_ray import start_at_import, start_ray_in_background
 from raylane.options import LaunchOptions
 from raylane.registry import BackendInfo, list_backends
+from raylane.worker_only_weights import trained_state_dict
 
 __all__ = [
     "BackendConflictError",
@@ -43,6 +44,7 @@ __all__ = [
     "list_backends",
     "release_idle_workers",
     "start_ray_in_background",
+    "trained_state_dict",
 ]
 
 __version__ = "0.1.0"

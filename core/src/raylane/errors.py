@@ -103,4 +103,5 @@ def _rebuild_worker_error(
 
 class WeightsNotOnDriverWarning(UserWarning):
     """Weights the workers trained that the driver's LightningModule has no place for (layers built in
-    ``configure_model``): they stay in the checkpoints, not in the driver's model."""
+    ``configure_model``): kept beside it for its next entry point (:func:`raylane.trained_state_dict` has them), and
+    in the checkpoints, but not in its ``state_dict()``."""

@@ -19,7 +19,7 @@ import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor
 
-from raylane import _lightning
+from raylane import _lightning, worker_only_weights
 from raylane.errors import WeightsNotOnDriverWarning
 from raylane.storage import is_remote
 from raylane.weights import pack_state_dict, unpack_state_dict
@@ -46,6 +46,7 @@ class RankZeroOutput:
     callback_states: dict[str, dict[str, Any]]
     files: dict[str, bytes]  # checkpoints and logs, when the driver runs on another node
     extras: dict[str, Any] = field(default_factory=dict)
+    should_stop: bool = False  # a callback (EarlyStopping) ended the fit early
 
 
 @dataclass
@@ -84,6 +85,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
         callback_states={cb.state_key: _to_cpu(cb.state_dict()) for cb in trainer.callbacks if cb.state_dict()},
         files=_files_the_driver_cannot_see(trainer, context),
         extras=host.collect_results(trainer, context),
+        should_stop=trainer.should_stop,
     )
     return output
 
@@ -93,6 +95,7 @@ def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost)
     if output.state_dict is not None:
         load_trained_weights(trainer.lightning_module, unpack_state_dict(output.state_dict))
     trainer.state = output.trainer_state
+    trainer.should_stop = output.should_stop
     trainer.callback_metrics.update(output.callback_metrics)
     trainer.logged_metrics.update(output.logged_metrics)
     trainer.progress_bar_metrics.update(output.progress_bar_metrics)
@@ -173,17 +176,17 @@ def _to_cpu(data: Any) -> Any:
     return apply_to_collection(data, Tensor, lambda tensor: tensor.detach().cpu())
 
 
-# torch.compile(submodule) on the workers (in configure_model) names that submodule's weights "<name>._orig_mod.<...>".
-COMPILED_PREFIX = "_orig_mod."
 SHOWN_NAMES = 6
 
 
 def load_trained_weights(module: torch.nn.Module, state_dict: dict[str, Any]) -> None:
-    """Load the workers' weights into the driver's module, and say so loudly when some have nowhere to go.
+    """Load the workers' weights into the driver's module; keep those it has no place for beside it.
 
     Not strict, as Lightning's spawn launcher: the workers' model may hold layers the driver's lacks (built in
     ``configure_model``). Lightning drops those silently; then a later validate/test/predict with this module builds
-    them afresh, untrained, and evaluates that. Weights renamed by ``torch.compile`` on the workers are renamed back.
+    them afresh, untrained, and evaluates that. raylane keeps them with the module for its next entry point
+    (:mod:`raylane.worker_only_weights`) and says so. Weights renamed by ``torch.compile`` on the workers are renamed
+    back.
     """
     driver_tensors = module.state_dict()
     state_dict = {_driver_name(name, driver_tensors.keys()): value for name, value in state_dict.items()}
@@ -194,6 +197,7 @@ def load_trained_weights(module: torch.nn.Module, state_dict: dict[str, Any]) ->
     loaded = module.load_state_dict(state_dict, strict=False, assign=on_meta)
     for names in tied:
         _tie(module, names)
+    worker_only_weights.keep(module, {name: state_dict[name] for name in loaded.unexpected_keys})
     if loaded.unexpected_keys:
         warnings.warn(_not_on_driver(loaded.unexpected_keys, loaded.missing_keys), WeightsNotOnDriverWarning, 2)
 
@@ -215,7 +219,7 @@ def _tie(module: torch.nn.Module, names: list[str]) -> None:
 
 
 def _driver_name(name: str, driver_names: KeysView[str]) -> str:
-    plain = name.replace(COMPILED_PREFIX, "")
+    plain = name.replace(worker_only_weights.COMPILED_PREFIX, "")
     return plain if name not in driver_names and plain in driver_names else name
 
 
@@ -224,9 +228,9 @@ def _not_on_driver(unexpected: list[str], missing: list[str]) -> str:
     return (
         f"raylane: {len(unexpected)} trained tensors have no place in the driver's LightningModule "
         f"({_names(unexpected)}): the workers' model has layers this one lacks, built in configure_model.{kept} "
-        "A later validate/test/predict given this model builds those layers afresh, untrained: pass "
-        "ckpt_path='best' (or 'last', or a path) to use the trained weights, or create the layers in __init__ so that "
-        "this model holds them."
+        "raylane keeps them with this model: the next fit/validate/test/predict given it loads them right after "
+        "configure_model, as one process would keep the trained layers. But model.state_dict() here lacks them: save "
+        "raylane.trained_state_dict(model) (or use the fit's checkpoints) to have every trained weight."
     )
 
 

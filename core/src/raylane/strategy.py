@@ -22,13 +22,14 @@ import logging
 import types
 import typing
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from raylane import _lightning, relay
+from raylane import _lightning, relay, worker_only_weights
 from raylane.elastic import check_can_resize
 from raylane.options import LaunchOptions, split_options
 
@@ -287,6 +288,26 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         overrides it to gather the full weights (every rank takes part; only rank 0's result is used).
         """
         return self.lightning_module_state_dict()  # type: ignore[attr-defined,no-any-return]
+
+    @contextmanager
+    def model_sharded_context(self) -> Iterator[None]:
+        # Lightning enters it around configure_model (and nothing else): when the hook has built its layers, they
+        # take the weights the last fit trained, which the driver could not hold (raylane.worker_only_weights).
+        with super().model_sharded_context():  # type: ignore[misc]
+            yield
+        weights = worker_only_weights.kept(self.lightning_module)  # type: ignore[attr-defined]
+        if weights:
+            self.load_weights_from_driver(weights)
+
+    def load_weights_from_driver(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """*Worker*, every rank, right after ``configure_model``: copy the full tensors ``weights`` (by state-dict name)
+        into the layers that hook built, before the strategy's ``setup`` wraps the model or builds its optimizers.
+
+        They are the last fit's trained weights of layers the driver's model lacks. Plain parameters and DTensors
+        (each rank takes its shard) by default; a backend whose engine partitions parameters already in
+        ``configure_model`` (DeepSpeed's ZeRO-3) overrides it. Names the model lacks are skipped.
+        """
+        worker_only_weights.copy_into(self.lightning_module, weights)  # type: ignore[attr-defined]
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
         if self.ray_environment.context is None and checkpoint.get("optimizer_states") == []:

@@ -10,14 +10,14 @@ per-rank files through local paths: checkpoint URLs pass through node-local stag
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, ClassVar
 
 import torch
 
-from raylane import _lightning
+from raylane import _lightning, worker_only_weights
 from raylane.errors import ConfigurationError
 from raylane.staged_checkpoints import StagedURLCheckpoints
 from raylane.strategy import DRIVER_CHECKPOINT_WARNING, RayClusterEnvironment, RayStrategyMixin
@@ -196,6 +196,20 @@ class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_bas
         if self.zero_stage != 3:
             return super().state_dict_for_driver()  # type: ignore[no-any-return]
         return _gathered_state_dict(self.lightning_module, keep=self.global_rank == 0)
+
+    def load_weights_from_driver(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Under ZeRO-3, ``configure_model`` ran inside ``deepspeed.zero.Init``: its parameters are partitioned
+        already. Each is gathered whole for the copy, then partitioned again with rank 0's values."""
+        if self.zero_stage != 3:
+            super().load_weights_from_driver(weights)
+            return
+        import deepspeed
+
+        module = self.lightning_module
+        named = worker_only_weights.named_tensors(module)
+        partitioned = {id(named[name]): named[name] for name in weights if hasattr(named.get(name), "ds_id")}
+        with deepspeed.zero.GatheredParameters(list(partitioned.values()), modifier_rank=0):
+            worker_only_weights.copy_into(module, weights)
 
 
 def _gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from raylane import _lightning
+from raylane import _lightning, worker_only_weights
 from raylane.errors import ConfigurationError
 from raylane.staged_checkpoints import StagedURLCheckpoints
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
@@ -128,6 +128,9 @@ class RayFSDPStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="Mo
             materialize(self.model, torch.device("cpu"))  # offloaded shards live in CPU memory
         else:
             materialize(self.model, self.root_device)
+        weights = worker_only_weights.kept(self.lightning_module)
+        if weights:  # layers configure_model built on the meta device have memory only now
+            self.load_weights_from_driver(weights)
         self.model = self.precision_plugin.convert_module(self.model)
         if not self.fsdp_config.cpu_offload:
             self.model_to_device()

@@ -3,7 +3,14 @@
 from raylane.testing.conformance import BackendConformance, FailureConformance, ResultsConformance
 from raylane.testing.equivalence import assert_same_weights, fit_distributed, fit_one_process, validation_loader
 from raylane.testing.faults import KilledOnce, signal_worker, worker_pid
-from raylane.testing.models import ClassifierModel, ReferenceSampler, make_dataset, make_loader, weight_fingerprint
+from raylane.testing.models import (
+    ClassifierModel,
+    HeadBuiltInConfigureModel,
+    ReferenceSampler,
+    make_dataset,
+    make_loader,
+    weight_fingerprint,
+)
 from raylane.testing.processes import env_without_ray_address, free_port, printed_report, python_path_running_at_startup
 from raylane.testing.ray_state import assert_released, ensure_local_ray
 from raylane.testing.trainers import QUIET, quiet_trainer
@@ -13,6 +20,7 @@ __all__ = [
     "BackendConformance",
     "ClassifierModel",
     "FailureConformance",
+    "HeadBuiltInConfigureModel",
     "KilledOnce",
     "ReferenceSampler",
     "ResultsConformance",

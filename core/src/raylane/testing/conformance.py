@@ -38,16 +38,19 @@ from raylane import (
     WorkerError,
     get_strategy,
     release_idle_workers,
+    trained_state_dict,
 )
 from raylane.testing.equivalence import (
+    VALIDATION_SAMPLES,
     assert_same_weights,
+    assert_validate_after_fit_sees_the_trained_head,
     fit_distributed,
     fit_one_process,
     validation_loader,
     weights_of,
 )
 from raylane.testing.faults import KilledOnce, signal_worker
-from raylane.testing.models import ClassifierModel, make_dataset, make_loader
+from raylane.testing.models import ClassifierModel, HeadBuiltInConfigureModel, make_dataset, make_loader
 from raylane.testing.processes import env_without_ray_address
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
 from raylane.testing.ray_state import assert_released, ensure_local_ray, release_dropped_trainers_workers
@@ -225,6 +228,23 @@ class ResultsConformance(ConformanceBase):
         )
         predicted = torch.cat(trainer.predict(model, loader))
         torch.testing.assert_close(predicted, expected, msg=lambda m: f"predict() after fit() and test(): {m}")
+
+    def test_layers_only_configure_model_builds_keep_their_trained_weights_for_the_next_entry_point(
+        self, tmp_path: Path
+    ) -> None:
+        # The driver's model cannot hold them; in one process the next validate() would evaluate the trained layers
+        # (configure_model skips those that exist), and so must the workers, which build them afresh.
+        model = HeadBuiltInConfigureModel(optimizer="adam")
+        trainer = self.trainer(tmp_path, enable_checkpointing=False)
+        assert_validate_after_fit_sees_the_trained_head(trainer, model, make_loader(8), validation_loader())
+        # What the workers evaluated is what raylane.trained_state_dict(model) gives the user, head included.
+        here = HeadBuiltInConfigureModel()
+        here.configure_model()
+        here.load_state_dict(trained_state_dict(model))  # strict: every trained weight
+        inputs, targets = next(iter(DataLoader(validation_loader().dataset, batch_size=VALIDATION_SAMPLES)))
+        with torch.no_grad():
+            expected = nn.functional.cross_entropy(here(inputs), targets).item()
+        assert float(trainer.callback_metrics["val_loss"]) == pytest.approx(expected, abs=1e-5)
 
     def test_predict_returns_every_rank_in_dataset_order(self, tmp_path: Path) -> None:
         model = ClassifierModel()

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from raylane.testing.models import ReferenceSampler, make_dataset
+from raylane.errors import WeightsNotOnDriverWarning
+from raylane.testing.models import HeadBuiltInConfigureModel, ReferenceSampler, make_dataset
 from raylane.testing.trainers import QUIET
 
 VALIDATION_SAMPLES = 32
@@ -73,3 +75,19 @@ def assert_same_weights(
     assert actual.keys() == expected.keys(), f"{what}: different tensors: {sorted(actual)} vs {sorted(expected)}"
     for name, value in expected.items():
         torch.testing.assert_close(actual[name], value, atol=atol, rtol=0, msg=lambda m, n=name: f"{what}: {n}: {m}")
+
+
+def assert_validate_after_fit_sees_the_trained_head(
+    trainer: pl.Trainer, model: HeadBuiltInConfigureModel, train_loader: DataLoader, val_loader: DataLoader
+) -> None:
+    """Fit ``model``, then validate it with the same Trainer: the workers, which build its head afresh in
+    ``configure_model``, must evaluate the head the fit trained (the fit's last ``val_loss``), which the driver's
+    model has no place for (a :class:`~raylane.WeightsNotOnDriverWarning` names it)."""
+    with pytest.warns(WeightsNotOnDriverWarning, match=r"head\.weight, head\.bias"):
+        trainer.fit(model, train_loader, val_loader)
+    after_fit = float(trainer.callback_metrics["val_loss"])  # the last epoch's, on the final weights
+    [validated] = trainer.validate(model, val_loader)
+    assert validated["val_loss"] == pytest.approx(after_fit, abs=1e-5), (
+        f"validate() after fit() gave val_loss {validated['val_loss']}, the fit ended at {after_fit}: did the "
+        "workers evaluate a fresh head?"
+    )
