@@ -21,8 +21,12 @@ from raylane.testing import (
     ClassifierModel,
     HeadBuiltInConfigureModel,
     assert_released,
+    assert_same_weights,
     ensure_local_ray,
     env_without_ray_address,
+    fit_distributed,
+    fit_one_process,
+    make_dataset,
     make_loader,
     quiet_trainer,
 )
@@ -201,6 +205,24 @@ def test_an_early_stop_leaves_the_drivers_trainer_as_one_process_leaves_its_own(
         stop_one.stopped_epoch,
         stop_one.wait_count,
     )
+
+
+@pytest.mark.timeout(180)
+def test_a_float64_fit_leaves_the_driver_the_float64_weights_one_process_ends_with(tmp_path: Path) -> None:
+    # Lightning converts the model to float64 on the workers; copied into the driver's float32 model, the trained
+    # weights were rounded (ddp_spawn rounds them too). One process ends with the float64 model.
+    ensure_local_ray()
+    distributed = ClassifierModel()
+    single = ClassifierModel()
+    single.load_state_dict(distributed.state_dict())
+    dataset = make_dataset(samples=64)
+    flags: dict[str, Any] = {"precision": "64-true", "max_epochs": 2}
+    strategy = get_strategy("ddp", workers=2, idle_timeout=0)
+    trainer = quiet_trainer(strategy=strategy, enable_checkpointing=False, default_root_dir=str(tmp_path), **flags)
+    actual = fit_distributed(trainer, distributed, dataset, global_batch=16)
+    expected = fit_one_process(single, dataset, global_batch=16, **flags)
+    assert expected["layer.weight"].dtype == torch.float64
+    assert_same_weights(actual, expected, atol=1e-12, what="64-true")  # dtypes included
 
 
 class CompiledOnTheWorkers(ClassifierModel):

@@ -45,6 +45,20 @@ def test_a_model_with_storage_is_copied_into_in_place() -> None:
     assert model.embed.weight is parameter and torch.equal(parameter, weights["out.weight"])
 
 
+def test_weights_trained_in_a_wider_dtype_are_taken_as_they_are_and_narrower_ones_copied_in() -> None:
+    # Trainer(precision="64-true") trains float64 weights: one process ends with a float64 model, and rounding them
+    # into the driver's float32 model would lose what training found. bf16 weights fit in float32 exactly.
+    model = TiedEmbeddings()
+    wider = {name: value.double() for name, value in trained(model).items()}
+    load_trained_weights(model, wider)
+    assert model.embed.weight.dtype == torch.float64 and torch.equal(model.embed.weight, wider["embed.weight"])
+    assert model.out.weight is model.embed.weight, "tied weights stay one parameter"
+    model = TiedEmbeddings()
+    parameter = model.embed.weight
+    load_trained_weights(model, {name: value.bfloat16() for name, value in trained(model).items()})
+    assert model.embed.weight is parameter and parameter.dtype == torch.float32
+
+
 def test_names_torch_compile_gave_on_the_workers_are_taken_back() -> None:
     model = nn.Sequential(nn.Linear(2, 2))
     weights = {f"0._orig_mod.{name}": torch.randn(value.shape) for name, value in model[0].state_dict().items()}

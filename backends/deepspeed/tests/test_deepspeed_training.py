@@ -132,7 +132,7 @@ def test_a_layer_configure_model_builds_under_zero3_keeps_its_trained_weights_fo
     # Under ZeRO-3, configure_model runs inside deepspeed.zero.Init: the workers' fresh head is partitioned before
     # the trained weights the driver could not hold are copied in, so the copy must gather it first.
     model = HeadBuiltInConfigureModel(optimizer="adam")
-    trainer = ray_trainer(tmp_path, {"stage": 3})
+    trainer = ray_trainer(tmp_path, {"stage": 3}, max_epochs=1)
     assert_validate_after_fit_sees_the_trained_head(trainer, model, make_loader(8), validation_loader())
     assert_released()
 

@@ -390,6 +390,6 @@ def test_layers_configure_model_builds_and_shards_keep_their_trained_weights_for
     # The driver's model has no head to hold its trained weights; the next entry point's workers build it afresh and
     # shard it, and must then hold the trained head, each rank its own shard of it (as one process would keep it).
     ensure_local_ray()
-    trainer = fsdp_trainer(2, tmp_path, epochs=2, enable_checkpointing=False)
+    trainer = fsdp_trainer(2, tmp_path, epochs=1, enable_checkpointing=False)
     assert_validate_after_fit_sees_the_trained_head(trainer, ShardsItsOwnHead(), distributed_loader(2), val_loader())
     assert_released()

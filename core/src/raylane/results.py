@@ -190,16 +190,35 @@ def load_trained_weights(module: torch.nn.Module, state_dict: dict[str, Any]) ->
     """
     driver_tensors = module.state_dict()
     state_dict = {_driver_name(name, driver_tensors.keys()): value for name, value in state_dict.items()}
-    # A model built on the meta device (trainer.init_module(empty_init=True)) has no storage to copy into: copying
-    # leaves it empty, and the next entry point would start from fresh weights. Take the trained tensors as they are.
-    on_meta = any(tensor.is_meta for tensor in driver_tensors.values())
-    tied = _tied_parameter_names(module) if on_meta else []
-    loaded = module.load_state_dict(state_dict, strict=False, assign=on_meta)
+    # Copying in place falls short in two cases; then the module takes the trained tensors themselves (own copies:
+    # the received ones view Ray's object store, read-only). A model built on the meta device
+    # (trainer.init_module(empty_init=True)) has no storage to copy into: the copy leaves it empty, and the next entry
+    # point would start from fresh weights. And a copy would round weights trained in a wider dtype
+    # (Trainer(precision="64-true") converts the workers' model to float64, as it converts one process's).
+    assign = any(tensor.is_meta for tensor in driver_tensors.values()) or _narrower(driver_tensors, state_dict)
+    if assign:
+        state_dict = {name: _own_copy(value) for name, value in state_dict.items()}
+    tied = _tied_parameter_names(module) if assign else []
+    loaded = module.load_state_dict(state_dict, strict=False, assign=assign)
     for names in tied:
         _tie(module, names)
     worker_only_weights.keep(module, {name: state_dict[name] for name in loaded.unexpected_keys})
     if loaded.unexpected_keys:
         warnings.warn(_not_on_driver(loaded.unexpected_keys, loaded.missing_keys), WeightsNotOnDriverWarning, 2)
+
+
+def _narrower(driver_tensors: dict[str, Any], trained: dict[str, Any]) -> bool:
+    """Whether some trained floating-point tensor would lose precision in the driver's tensor of the same name."""
+    for name, value in trained.items():
+        mine = driver_tensors.get(name)
+        floating = isinstance(value, Tensor) and isinstance(mine, Tensor) and value.is_floating_point()
+        if floating and mine.is_floating_point() and torch.promote_types(mine.dtype, value.dtype) != mine.dtype:
+            return True
+    return False
+
+
+def _own_copy(value: Any) -> Any:
+    return value.clone() if isinstance(value, Tensor) else value
 
 
 def _tied_parameter_names(module: torch.nn.Module) -> list[list[str]]:

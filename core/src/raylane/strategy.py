@@ -295,7 +295,8 @@ class RayStrategyMixin(_lightning.LauncherSlot):
         # take the weights the last fit trained, which the driver could not hold (raylane.worker_only_weights).
         with super().model_sharded_context():  # type: ignore[misc]
             yield
-        weights = worker_only_weights.kept(self.lightning_module)  # type: ignore[attr-defined]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        weights = worker_only_weights.kept(module) if module is not None else {}  # None: entered by hand, unconnected
         if weights:
             self.load_weights_from_driver(weights)
 

@@ -235,7 +235,7 @@ class ResultsConformance(ConformanceBase):
         # The driver's model cannot hold them; in one process the next validate() would evaluate the trained layers
         # (configure_model skips those that exist), and so must the workers, which build them afresh.
         model = HeadBuiltInConfigureModel(optimizer="adam")
-        trainer = self.trainer(tmp_path, enable_checkpointing=False)
+        trainer = self.trainer(tmp_path, max_epochs=1, enable_checkpointing=False)
         assert_validate_after_fit_sees_the_trained_head(trainer, model, make_loader(8), validation_loader())
         # What the workers evaluated is what raylane.trained_state_dict(model) gives the user, head included.
         here = HeadBuiltInConfigureModel()
