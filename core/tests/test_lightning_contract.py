@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 
 import pytest
@@ -129,3 +131,34 @@ def test_an_entry_point_given_a_compiled_model_marks_the_module_it_unwraps(light
     lightning.Trainer(max_steps=1, callbacks=[Record()], **flags).fit(model)
     lightning.Trainer(max_steps=1, callbacks=[Record()], **flags).fit(torch.compile(model, backend="eager"))
     assert marks == [False, True]
+
+
+def test_configure_model_runs_inside_the_strategys_model_sharded_context_before_its_setup(
+    lightning: ModuleType,
+) -> None:
+    """Layers only ``configure_model`` builds take the weights the driver kept for them when the strategy's
+    ``model_sharded_context`` exits (``RayStrategyMixin.model_sharded_context``): Lightning must enter it around that
+    hook alone, and set the strategy up (wrapping, optimizers) only after it."""
+    events: list[str] = []
+
+    class Recording(lightning.strategies.SingleDeviceStrategy):  # type: ignore[name-defined,misc]
+        @contextmanager
+        def model_sharded_context(self) -> Iterator[None]:
+            events.append("enter")
+            yield
+            events.append("exit")
+
+        def setup(self, trainer: object) -> None:
+            events.append("setup")
+            super().setup(trainer)
+
+    boring = importlib.import_module(f"{lightning.__name__}.demos.boring_classes").BoringModel
+
+    class BuildsInConfigureModel(boring):  # type: ignore[misc,valid-type]
+        def configure_model(self) -> None:
+            events.append("configure_model")
+
+    flags = {"accelerator": "cpu", "logger": False, "enable_checkpointing": False, "enable_progress_bar": False}
+    trainer = lightning.Trainer(strategy=Recording(device=torch.device("cpu")), max_steps=1, **flags)
+    trainer.fit(BuildsInConfigureModel())
+    assert events == ["enter", "configure_model", "exit", "setup"], events
