@@ -16,7 +16,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
 
-from raylane import SerializationError, WeightsNotOnDriverWarning, get_strategy, trained_state_dict
+from raylane import SerializationError, WeightsNotOnDriverWarning, get_strategy
 from raylane.testing import (
     ClassifierModel,
     HeadBuiltInConfigureModel,
@@ -261,25 +261,39 @@ def test_a_compiled_model_is_refused_with_a_way_to_compile_on_the_workers_that_w
 
 
 @pytest.mark.timeout(180)
-def test_trained_layers_the_drivers_model_lacks_are_named_and_a_second_fit_trains_on_from_them(tmp_path: Path) -> None:
+def test_trained_layers_the_drivers_model_lacks_are_named_and_later_entry_points_go_on_from_them(
+    tmp_path: Path,
+) -> None:
     # Lightning's spawn launcher drops them silently, and the next entry point then starts from a fresh, untrained
-    # head; raylane names them and keeps them with the model for its next entry point. The checkpoint holds them too.
+    # head; raylane names them and keeps them with the model for its next entry point, as one process keeps the
+    # layers: a fit that cannot move the weights ends where the last fit ended. A checkpoint's head wins over the
+    # kept one, and, as in one process, the model holds the checkpoint's weights afterwards.
     ensure_local_ray()
     model = HeadBuiltInConfigureModel()
-    trainer = quiet_trainer(strategy=get_strategy("ddp", workers=2), max_epochs=2, default_root_dir=str(tmp_path))
+    every_epoch = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), filename="{epoch}", monitor="val_loss", save_top_k=-1)
+    trainer = quiet_trainer(
+        strategy=get_strategy("ddp", workers=2), max_epochs=2, callbacks=[every_epoch], default_root_dir=str(tmp_path)
+    )
     with pytest.warns(WeightsNotOnDriverWarning, match=r"\(head\.weight, head\.bias\).*raylane\.trained_state_dict"):
         trainer.fit(model, make_loader(8), make_loader(8))
     after_fit = float(trainer.callback_metrics["val_loss"])
-    trained_head = trained_state_dict(model)["head.weight"].clone()
-    [validated] = trainer.validate(model, make_loader(8), ckpt_path="best")
-    assert validated["val_loss"] == pytest.approx(after_fit), "the best checkpoint is the last epoch's model"
-    # A second fit that cannot move the weights starts where the first ended, so it ends there too.
-    model.hparams.lr = 0.0
-    again = quiet_trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, default_root_dir=str(tmp_path / "2"))
-    with pytest.warns(WeightsNotOnDriverWarning):
-        again.fit(model, make_loader(8), make_loader(8))
-    assert float(again.callback_metrics["val_loss"]) == pytest.approx(after_fit), "the second fit's head is trained"
-    torch.testing.assert_close(trained_state_dict(model)["head.weight"], trained_head)
+
+    def fit_without_moving_the_weights() -> float:
+        model.hparams.lr = 0.0
+        again = quiet_trainer(strategy=get_strategy("ddp", workers=2), max_epochs=1, default_root_dir=str(tmp_path))
+        with pytest.warns(WeightsNotOnDriverWarning):
+            again.fit(model, make_loader(8), make_loader(8))
+        return float(again.callback_metrics["val_loss"])
+
+    assert fit_without_moving_the_weights() == pytest.approx(after_fit), "the second fit starts from the trained head"
+    first_epoch = str(tmp_path / "ckpt" / "epoch=0.ckpt")
+    with pytest.warns(WeightsNotOnDriverWarning):  # the checkpoint's head, which the driver's model has no place for
+        [validated] = trainer.validate(model, make_loader(8), ckpt_path=first_epoch)
+    assert validated["val_loss"] == pytest.approx(float(every_epoch.best_k_models[first_epoch])), (
+        "validate(ckpt_path=...) evaluates the checkpoint's head, not the one the driver kept"
+    )
+    assert validated["val_loss"] != pytest.approx(after_fit), "the first epoch's model is not the last one's"
+    assert fit_without_moving_the_weights() == pytest.approx(validated["val_loss"]), "the model holds the checkpoint's"
 
 
 PRELOAD_SCRIPT = """

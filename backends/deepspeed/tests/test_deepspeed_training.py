@@ -3,9 +3,10 @@
 Stage 2 (the default) is compared with one process, with SGD and Adam and with accumulated gradients, by the
 conformance suite; here stage 3 with both, stage 1 with Adam (SGD keeps no optimizer state to shard), and ZeRO-3 with
 optimizer and parameter offload, with Adam and with SGD over accumulated gradients, all trained as users train (a
-validation loader and the default sanity check). Then a ZeRO-3 checkpoint: what reaches the driver, and a resume from
-it that lands on the weights of an uninterrupted run. A layer configure_model builds inside ZeRO-3's partitioning keeps
-its trained weights for the next entry point. Last, the settings refused with a message saying what to pass.
+validation loader and the default sanity check). Then a ZeRO-3 checkpoint: what reaches the driver, a validate() from
+it, and a resume from it that lands on the weights of an uninterrupted run. A layer configure_model builds inside
+ZeRO-3's partitioning keeps its trained weights for the next entry point. Last, the settings refused with a message
+saying what to pass.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import GradientAccumulationScheduler, ModelCheckpoint
 from pytorch_lightning.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+from torch import nn
+from torch.utils.data import DataLoader
 
 from raylane import ConfigurationError, WorkerError, get_strategy
 from raylane.testing import (
@@ -31,6 +34,7 @@ from raylane.testing import (
 )
 from raylane.testing.equivalence import (
     QUIET,
+    VALIDATION_SAMPLES,
     assert_same_weights,
     assert_validate_after_fit_sees_the_trained_head,
     distributed_loader,
@@ -116,6 +120,18 @@ def test_zero3_checkpoints_reach_the_driver_and_resume(tmp_path: Path) -> None:
         trainer.save_checkpoint(tmp_path / "driver.ckpt")
     from_driver = ClassifierModel.load_from_checkpoint(tmp_path / "driver.ckpt", optimizer="adam")
     assert_same_weights(from_driver.state_dict(), two_epochs, atol=0, what="driver-side save_checkpoint")
+
+    # validate() given epoch 0's directory evaluates its weights (DeepSpeed's engine cannot load a ZeRO-3 checkpoint
+    # without an optimizer) and, as in one process, leaves them in the model.
+    epoch_0 = tmp_path / "ckpt" / "epoch=0.ckpt"
+    here = ClassifierModel()
+    here.load_state_dict(consolidated_state_dict(epoch_0))
+    inputs, targets = next(iter(DataLoader(validation_loader().dataset, batch_size=VALIDATION_SAMPLES)))
+    with torch.no_grad():
+        expected_loss = nn.functional.cross_entropy(here(inputs), targets).item()
+    [validated] = trainer.validate(interrupted, validation_loader(), ckpt_path=str(epoch_0))
+    assert validated["val_loss"] == pytest.approx(expected_loss, abs=1e-5), "validate() evaluates epoch 0's weights"
+    assert_same_weights(interrupted.state_dict(), here.state_dict(), atol=0, what="the model after validate(ckpt_path)")
 
     # Resuming from epoch 1's directory restores Adam's state: epochs 2-3 land where four uninterrupted epochs do.
     resumed = ClassifierModel(optimizer="adam")

@@ -65,7 +65,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
     """Run on every worker after the entry point; rank 0 includes the Trainer's state."""
     fn = trainer.state.fn
     # Every rank computes the state dict: torchmetrics may synchronise across ranks inside it.
-    state_dict = pack_state_dict(trainer.strategy.state_dict_for_driver()) if fn == _lightning.FITTING else None
+    state_dict = pack_state_dict(trainer.strategy.state_dict_for_driver()) if weights_changed(trainer) else None
     output = WorkerOutput(rank=context.global_rank)
     if fn == _lightning.PREDICTING and results is not None and trainer.strategy.reports_predictions:
         output.predictions = _per_dataloader(_to_cpu(results), len(_lightning.predict_batch_indices(trainer)))
@@ -88,6 +88,12 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
         should_stop=trainer.should_stop,
     )
     return output
+
+
+def weights_changed(trainer: pl.Trainer) -> bool:
+    """Whether the entry point changed the model's weights: ``fit`` trains them, and any entry point given a
+    checkpoint (``validate(ckpt_path="best")``) loads its weights into the model, which one process then holds."""
+    return trainer.state.fn == _lightning.FITTING or trainer.ckpt_path is not None
 
 
 def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost) -> None:

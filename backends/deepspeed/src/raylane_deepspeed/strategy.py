@@ -13,11 +13,12 @@ import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from raylane import _lightning, worker_only_weights
+from raylane import _lightning
 from raylane.errors import ConfigurationError
 from raylane.staged_checkpoints import StagedURLCheckpoints
 from raylane.strategy import DRIVER_CHECKPOINT_WARNING, RayClusterEnvironment, RayStrategyMixin
@@ -30,6 +31,7 @@ from raylane_deepspeed.config import (
     zero_stage,
 )
 from raylane_deepspeed.install import require_deepspeed
+from raylane_deepspeed.partitions import copy_into_partitions, load_for_evaluation
 
 DEFAULT_STAGE = 2
 # Lightning keyword arguments that are not part of the DeepSpeed config, passed through as given.
@@ -45,7 +47,26 @@ LIGHTNING_ONLY = (
 )
 
 
-class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="DeepSpeedStrategy"):
+class _LoadsZeRO3CheckpointsForEvaluation:
+    """Between the URL staging and Lightning's DeepSpeedStrategy: ``validate``/``test``/``predict`` given a ZeRO-3
+    checkpoint directory load it themselves, which DeepSpeed's engine cannot (:mod:`raylane_deepspeed.partitions`)."""
+
+    zero_stage: int
+    load_full_weights: bool
+    lightning_module: Any
+    is_global_zero: bool
+    broadcast: Any
+
+    def load_checkpoint(self, checkpoint_path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        evaluating = self.lightning_module.trainer.state.fn != _lightning.FITTING
+        if evaluating and self.zero_stage == 3 and not self.load_full_weights and Path(checkpoint_path).is_dir():
+            return load_for_evaluation(self.lightning_module, checkpoint_path, self.is_global_zero, self.broadcast)
+        return super().load_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc,no-any-return]
+
+
+class RayDeepSpeedStrategy(
+    StagedURLCheckpoints, _LoadsZeRO3CheckpointsForEvaluation, RayStrategyMixin, lightning_base="DeepSpeedStrategy"
+):
     """DeepSpeed ZeRO (stage 1, 2 or 3, optional offload) across ``workers`` Ray actors.
 
     Build it with ``get_strategy("deepspeed", workers=N, stage=3, ...)``; the options are in
@@ -199,17 +220,11 @@ class RayDeepSpeedStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_bas
 
     def load_weights_from_driver(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Under ZeRO-3, ``configure_model`` ran inside ``deepspeed.zero.Init``: its parameters are partitioned
-        already. Each is gathered whole for the copy, then partitioned again with rank 0's values."""
+        already: they are gathered whole one submodule at a time for the copy, then partitioned again."""
         if self.zero_stage != 3:
             super().load_weights_from_driver(weights)
             return
-        import deepspeed
-
-        module = self.lightning_module
-        named = worker_only_weights.named_tensors(module)
-        partitioned = {id(named[name]): named[name] for name in weights if hasattr(named.get(name), "ds_id")}
-        with deepspeed.zero.GatheredParameters(list(partitioned.values()), modifier_rank=0):
-            worker_only_weights.copy_into(module, weights)
+        copy_into_partitions(self.lightning_module, weights, set(weights))
 
 
 def _gathered_state_dict(module: torch.nn.Module, keep: bool) -> dict[str, Any]:

@@ -182,7 +182,9 @@ class ResultsConformance(ConformanceBase):
 
     # -- results come back to the driver ---------------------------------------------------------------------------
 
-    def test_fit_brings_back_weights_progress_and_checkpoint(self, tmp_path: Path) -> None:
+    def test_fit_brings_back_weights_progress_and_checkpoint_and_a_test_from_it_its_weights(
+        self, tmp_path: Path
+    ) -> None:
         model = ClassifierModel()
         initial = {k: v.clone() for k, v in model.state_dict().items()}
         trainer = self.trainer(tmp_path)
@@ -199,6 +201,11 @@ class ResultsConformance(ConformanceBase):
         for name, value in model.state_dict().items():
             torch.testing.assert_close(saved[name], value)
         assert saved["layer.weight"].shape == initial["layer.weight"].shape
+        # test(ckpt_path=...) loads the checkpoint into the model: one process's model then holds its weights.
+        model.load_state_dict(initial)
+        trainer.test(model, make_loader(8), ckpt_path=str(best))
+        for name, value in model.state_dict().items():
+            torch.testing.assert_close(value, saved[name], msg=lambda m, n=name: f"after test(ckpt_path=...): {n}: {m}")
 
     def test_validate_and_test_return_rank_zero_metrics(self, tmp_path: Path) -> None:
         model = ClassifierModel()
