@@ -115,12 +115,23 @@ def _recomputed_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def materialize(module: nn.Module, device: torch.device) -> None:
-    """Give parameters created on the ``meta`` device (``trainer.init_module(empty_init=True)``) real memory on
-    ``device`` and initialise them: each sharded rank allocates only its shard."""
-    if not any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+    """Give parameters created on the ``meta`` device (``trainer.init_module(empty_init=True)``, or in
+    ``configure_model``) real memory on ``device`` and initialise them: each sharded rank allocates only its shard.
+
+    Tensors that hold values already keep them (layers built in ``__init__`` whose trained weights the driver sent
+    for a later entry point): ``to_empty`` is applied to the whole module, which FSDP2 needs to register the new
+    shards, and would otherwise leave those tensors uninitialised too.
+    """
+    tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    if not any(tensor.is_meta for tensor in tensors.values()):
         return
+    values = {name: tensor.detach().clone() for name, tensor in tensors.items() if not tensor.is_meta}
     module.to_empty(device=device)
     for submodule in module.modules():
         reset = getattr(submodule, "reset_parameters", None)
         if callable(reset):
             reset()
+    materialized = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+    with torch.no_grad():
+        for name, value in values.items():
+            materialized[name].copy_(value)
