@@ -244,7 +244,7 @@ def _tie(module: torch.nn.Module, names: list[str]) -> None:
 
 
 def _driver_name(name: str, driver_names: KeysView[str]) -> str:
-    plain = name.replace(worker_only_weights.COMPILED_PREFIX, "")
+    plain = worker_only_weights.plain_name(name)
     return plain if name not in driver_names and plain in driver_names else name
 
 

@@ -65,7 +65,12 @@ def named_tensors(module: torch.nn.Module) -> dict[str, Tensor]:
     """Parameters and buffers by state-dict name, also under the name torch.compile's wrapper hides."""
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(module.named_buffers(remove_duplicate=False))
-    return {**{name.replace(COMPILED_PREFIX, ""): tensor for name, tensor in tensors.items()}, **tensors}
+    return {**{plain_name(name): tensor for name, tensor in tensors.items()}, **tensors}
+
+
+def plain_name(name: str) -> str:
+    """A state-dict name without what torch.compile's wrapper adds (``head._orig_mod.weight``: ``head.weight``)."""
+    return name.replace(COMPILED_PREFIX, "")
 
 
 def _shaped_like(full: Tensor, target: Tensor) -> Tensor:

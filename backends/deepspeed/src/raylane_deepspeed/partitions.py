@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from raylane import worker_only_weights
+from raylane.worker_only_weights import plain_name
 from raylane_deepspeed.checkpoints import CHECKPOINT_TAG, consolidated_state_dict
 
 # What DeepSpeed's engine keeps for itself in a checkpoint's module file; the rest is Lightning's checkpoint (loops,
@@ -37,13 +38,13 @@ def copy_into_partitions(module: torch.nn.Module, weights: Mapping[str, torch.Te
         for prefix, submodule in module.named_modules():
             own = dict(submodule.named_parameters(prefix=prefix, recurse=False))
             own.update(submodule.named_buffers(prefix=prefix, recurse=False))
-            wanted = {name: tensor for name, tensor in own.items() if _plain(name) in names}
+            wanted = {name: tensor for name, tensor in own.items() if plain_name(name) in names}
             if not wanted:
                 continue
             partitioned = [tensor for tensor in wanted.values() if hasattr(tensor, "ds_id")]
             with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
                 for name, tensor in wanted.items():
-                    value = weights.get(_plain(name))
+                    value = weights.get(plain_name(name))
                     if value is not None:
                         tensor.copy_(value)
             if torch.distributed.is_initialized():  # buffers, and parameters not partitioned yet: rank 0's
@@ -61,8 +62,8 @@ def load_for_evaluation(
     Rank 0 consolidates the weights from every rank's shards (DeepSpeed's own ``zero_to_fp32``); a checkpoint that
     lacks some of the model's weights is refused on every rank before anything is copied.
     """
-    names = {_plain(name) for name in worker_only_weights.named_tensors(module)}
-    parameters = {_plain(name) for name, _ in module.named_parameters()}
+    names = {plain_name(name) for name in worker_only_weights.named_tensors(module)}
+    parameters = {plain_name(name) for name, _ in module.named_parameters()}
     weights = consolidated_state_dict(checkpoint_path) if is_global_zero else {}
     missing = broadcast(sorted(name for name in parameters if name not in weights))
     if missing:
@@ -79,7 +80,3 @@ def _lightning_part(directory: Path) -> dict[str, Any]:
     module_file = sorted((directory / CHECKPOINT_TAG).glob("*model_states.pt"))[0]
     saved = torch.load(module_file, map_location="cpu", weights_only=False)
     return {key: value for key, value in saved.items() if key not in ENGINE_KEYS}
-
-
-def _plain(name: str) -> str:
-    return name.replace(worker_only_weights.COMPILED_PREFIX, "")

@@ -114,17 +114,17 @@ def _recomputed_forward(forward: Any, *args: Any, **kwargs: Any) -> Any:
     return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
 
-def materialize(module: nn.Module, device: torch.device) -> None:
+def materialize(module: nn.Module, device: torch.device) -> bool:
     """Give parameters created on the ``meta`` device (``trainer.init_module(empty_init=True)``, or in
     ``configure_model``) real memory on ``device`` and initialise them: each sharded rank allocates only its shard.
 
     Tensors that hold values already keep them (layers built in ``__init__`` whose trained weights the driver sent
     for a later entry point): ``to_empty`` is applied to the whole module, which FSDP2 needs to register the new
-    shards, and would otherwise leave those tensors uninitialised too.
+    shards, and would otherwise leave those tensors uninitialised too. Returns whether any tensor was on meta.
     """
     tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
     if not any(tensor.is_meta for tensor in tensors.values()):
-        return
+        return False
     values = {name: tensor.detach().clone() for name, tensor in tensors.items() if not tensor.is_meta}
     module.to_empty(device=device)
     for submodule in module.modules():
@@ -135,3 +135,4 @@ def materialize(module: nn.Module, device: torch.device) -> None:
     with torch.no_grad():
         for name, value in values.items():
             materialized[name].copy_(value)
+    return True

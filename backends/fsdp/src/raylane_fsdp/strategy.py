@@ -124,12 +124,10 @@ class RayFSDPStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="Mo
         if not is_sharded(self.model):
             self._check_named_modules(self.model)
             shard_model(self.model, self.fsdp_config, self.shard_mesh, self.root_device.type == "cuda")
-        if self.fsdp_config.cpu_offload:
-            materialize(self.model, torch.device("cpu"))  # offloaded shards live in CPU memory
-        else:
-            materialize(self.model, self.root_device)
+        offloaded = self.fsdp_config.cpu_offload  # offloaded shards live in CPU memory
+        materialized = materialize(self.model, torch.device("cpu") if offloaded else self.root_device)
         weights = worker_only_weights.kept(self.lightning_module)
-        if weights:  # layers configure_model built on the meta device have memory only now
+        if materialized and weights:  # layers configure_model built on the meta device have memory only now
             self.load_weights_from_driver(weights)
         self.model = self.precision_plugin.convert_module(self.model)
         if not self.fsdp_config.cpu_offload:
