@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from torch.nn.parallel import DistributedDataParallel
 
 from raylane import ConfigurationError, get_strategy
 from raylane.testing import ClassifierModel, ensure_local_ray, make_loader, quiet_trainer
+from raylane.testing.equivalence import assert_separate_optimizers_need_then_train_with
 from raylane_ddp import process_group_backend
 
 
@@ -29,6 +32,14 @@ def test_ddp_options_reach_distributed_data_parallel() -> None:
     assert trainer.callback_metrics["bucket_mib"] == 5.0
     assert trainer.callback_metrics["static_graph"] == 1.0
     strategy.release_workers()
+
+
+@pytest.mark.timeout(180)
+def test_unused_parameters_fail_naming_the_option_and_train_with_it(tmp_path: Path) -> None:
+    # Lightning's own message names strategy strings that would leave raylane; the error must say raylane's way.
+    ensure_local_ray()
+    remedy = "get_strategy('ddp', workers=..., find_unused_parameters=True)"
+    assert_separate_optimizers_need_then_train_with("ddp", tmp_path, remedy, {}, {"find_unused_parameters": True})
 
 
 @pytest.mark.parametrize(

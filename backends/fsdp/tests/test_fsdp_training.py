@@ -15,7 +15,9 @@ fit once:
 A predict_step that calls the layers directly instead of ``self(x)`` predicts the same as one process, from a
 dataloader with a length and from a Ray Dataset (streamed, no length). A model built on the meta device comes back
 trained to the driver. Layers that configure_model builds and shards itself, or builds on the meta device, keep their
-trained weights for the next entry point, and so do the layers beside them.
+trained weights for the next entry point, and so do the layers beside them. Manual optimization (two optimizers
+stepped by hand, layers called directly) trains as one process does, and a step that computes with parameters FSDP
+cannot gather around it is refused, saying what to do.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader
 
-from raylane import get_strategy
+from raylane import ConfigurationError, get_strategy
 from raylane.data import from_ray
 from raylane.testing import (
     ClassifierModel,
     HeadBuiltInConfigureModel,
+    ManuallyOptimizedClassifier,
     ReferenceSampler,
+    TwoOptimizerClassifier,
     assert_released,
     ensure_local_ray,
     make_dataset,
@@ -424,3 +428,40 @@ def test_materialise_initialises_meta_tensors_and_leaves_the_others_as_they_are(
     assert not any(tensor.is_meta for tensor in model.parameters())
     assert torch.equal(model[0].weight, trained)
     assert model[1].weight.abs().sum() > 0, "the meta layer is initialised (reset_parameters), not left empty"
+
+
+def test_two_optimizers_stepped_by_hand_on_layers_called_directly_match_one_process(tmp_path: Path) -> None:
+    # A GAN's loop: training_step calls each head directly and runs its backward and optimizer step itself. With the
+    # step registered as the root unit's forward (as for automatic optimization), FSDP2 reduced no gradient of those
+    # backward passes and the fit left every weight where it started.
+    ensure_local_ray()
+    torch.manual_seed(5)
+    model = TwoOptimizerClassifier()
+    reference = TwoOptimizerClassifier()
+    reference.load_state_dict(model.state_dict())
+    plain_fit(reference, 2)
+    fsdp_trainer(2, tmp_path, epochs=2, enable_checkpointing=False).fit(model, distributed_loader(2), val_loader())
+    assert_same_weights(weights(model), weights(reference), "two optimizers stepped by hand")
+    assert_released()
+
+
+class ScalesWithItsOwnParameter(ManuallyOptimizedClassifier):
+    """Manual optimization whose step uses a parameter the LightningModule registers on itself, outside forward()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        loss = nn.functional.cross_entropy(self.layer(inputs) * self.scale, targets)
+        self.manual_backward(loss)
+        return loss
+
+
+def test_a_manual_step_computing_with_the_roots_own_parameter_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    ensure_local_ray()
+    trainer = fsdp_trainer(2, tmp_path, epochs=1, enable_checkpointing=False)
+    with pytest.raises(ConfigurationError, match=r"registers on\s+itself .* use them in forward\(\) and call self"):
+        trainer.fit(ScalesWithItsOwnParameter(), distributed_loader(2))
+    assert_released()

@@ -19,12 +19,12 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch import nn
 
 from raylane import get_strategy
 from raylane.testing import (
     QUIET,
     ClassifierModel,
+    TwoOptimizerClassifier,
     assert_same_weights,
     ensure_local_ray,
     fit_one_process,
@@ -53,36 +53,6 @@ class ScheduledClassifier(ClassifierModel):
     def configure_optimizers(self) -> Any:
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)}
-
-
-class TwoOptimizerClassifier(ClassifierModel):
-    """Two heads, each with its own optimizer and LR schedule, stepped by hand (Lightning's multi-optimizer way)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.automatic_optimization = False
-        self.other = nn.Linear(8, 3)
-
-    def training_step(self, batch: Any, batch_idx: int) -> None:
-        inputs, targets = batch
-        sgd, adam = self.optimizers()  # type: ignore[misc]
-        for optimizer, head in ((sgd, self.layer), (adam, self.other)):
-            optimizer.zero_grad()
-            self.manual_backward(nn.functional.cross_entropy(head(inputs), targets))
-            optimizer.step()
-
-    def on_train_epoch_end(self) -> None:
-        for scheduler in self.lr_schedulers():  # type: ignore[union-attr]
-            scheduler.step()
-
-    def configure_optimizers(self) -> Any:
-        sgd = torch.optim.SGD(self.layer.parameters(), lr=0.1, momentum=0.9)
-        adam = torch.optim.Adam(self.other.parameters(), lr=0.01)
-        schedules = [
-            torch.optim.lr_scheduler.StepLR(sgd, 1, gamma=0.5),
-            torch.optim.lr_scheduler.ExponentialLR(adam, 0.7),
-        ]
-        return [sgd, adam], schedules
 
 
 def fit_distributed(model: pl.LightningModule, backend: str, root: Path, **flags: Any) -> dict[str, torch.Tensor]:

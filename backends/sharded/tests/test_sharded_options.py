@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 
 from raylane import BackendLoadError, ConfigurationError, get_strategy
 from raylane.testing import ClassifierModel, ensure_local_ray, make_loader, quiet_trainer
+from raylane.testing.equivalence import assert_separate_optimizers_need_then_train_with
 from raylane_sharded import DEFAULT_ENGINE, ENGINE_OPTIONS, ENGINES
 from raylane_sharded.strategy import RayShardedStrategy
 
@@ -126,3 +127,13 @@ def test_fairscale_options_reach_sharded_data_parallel_and_oss_on_the_workers() 
         name: float(trainer.callback_metrics[name]) for name in ("bucket_elements", "auto_refresh", "broadcast_fp16")
     }
     assert reported == {"bucket_elements": 16.0, "auto_refresh": 0.0, "broadcast_fp16": 1.0}
+
+
+@pytest.mark.timeout(180)
+def test_unused_parameters_under_fairscale_fail_naming_the_zero_engine_which_trains_with_them(tmp_path: Path) -> None:
+    # FairScale's ShardedDataParallel asserts, with no message, when a backward pass leaves a parameter without a
+    # gradient; the zero engine's DDP can skip such parameters when asked.
+    ensure_local_ray()
+    remedy = "get_strategy('sharded', workers=..., engine='zero', find_unused_parameters=True)"
+    accepting = {"engine": "zero", "find_unused_parameters": True}
+    assert_separate_optimizers_need_then_train_with("sharded", tmp_path, remedy, {"engine": "fairscale"}, accepting)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import ClassVar
+
+# A backward pass left some parameters without a gradient: DDP's reducer (Lightning rewords it, naming its own
+# strategies), and FairScale's ShardedDataParallel, which only asserts.
+_UNUSED_PARAMETERS = re.compile(
+    r"Expected to have finished reduction in the prior iteration|not used in producing the loss|"
+    r"sharded_ddp\.py.*assert param\.grad is not None",
+    re.DOTALL,
+)
 
 
 class RaylaneError(Exception):
@@ -99,6 +108,18 @@ def _rebuild_worker_error(
         except Exception:  # the class's own __init__ or __new__ wants other arguments
             pass
     return WorkerError(message, rank=rank, node_ip=node_ip, node_id=node_id)
+
+
+def advise_on_unused_parameters(exception: BaseException, remedy: str) -> None:
+    """Add raylane's ``remedy`` (the strategy to build instead) to the message of an error a rank raised because a
+    backward pass left parameters without a gradient: Lightning's message names its own strategy strings, which would
+    leave raylane, and FairScale's is a bare assert. Called from a strategy's ``on_exception``, on the driver."""
+    text = str(exception)
+    if len(exception.args) == 1 and _UNUSED_PARAMETERS.search(text) and remedy not in text:
+        exception.args = (
+            f"{text}\nSome parameters got no gradient in a backward pass (a layer the loss does not use, or optimizers "
+            f"stepped by hand on separate layers, as a GAN's). With raylane, build the strategy as {remedy}.",
+        )
 
 
 class WeightsNotOnDriverWarning(UserWarning):

@@ -6,7 +6,7 @@ import warnings
 from datetime import timedelta
 from typing import Any, ClassVar
 
-from raylane.errors import ConfigurationError
+from raylane.errors import ConfigurationError, advise_on_unused_parameters
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_ddp import process_group_backend
 
@@ -44,3 +44,7 @@ class RayDDPStrategy(RayStrategyMixin, lightning_base="DDPStrategy"):
             timeout=timedelta(seconds=self.launch_options.collective_timeout),
             **ddp_options,
         )
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        advise_on_unused_parameters(exception, "get_strategy('ddp', workers=..., find_unused_parameters=True)")

@@ -46,12 +46,29 @@ def is_sharded(module: nn.Module) -> bool:
     return any(isinstance(submodule, FSDPModule) for submodule in module.modules())
 
 
-def shard_units(module: nn.Module, config: FSDPConfig) -> list[nn.Module]:
+def shard_units(module: nn.Module, config: FSDPConfig, manual_optimization: bool = False) -> list[nn.Module]:
     """The submodules that become their own FSDP unit, inner ones first (the root is not among them).
 
     With ``wrap_modules``: every submodule of those classes. Otherwise every submodule that, once its inner units are
-    taken out, still holds at least ``min_wrap_params`` parameters.
+    taken out, still holds at least ``min_wrap_params`` parameters. With ``manual_optimization``, also every submodule
+    that holds parameters of its own outside those units, so that the root keeps none (see :func:`shard_model`).
     """
+    units = _chosen_units(module, config)
+    if not manual_optimization:
+        return units
+    inside_units = {id(inner) for unit in units for inner in unit.modules()}
+    owners = {
+        id(submodule)
+        for submodule in module.modules()
+        if submodule is not module
+        and id(submodule) not in inside_units
+        and any(True for _ in submodule.parameters(recurse=False))
+    }
+    wanted = owners | {id(unit) for unit in units}
+    return [submodule for submodule in reversed(list(module.modules())) if id(submodule) in wanted]  # inner first
+
+
+def _chosen_units(module: nn.Module, config: FSDPConfig) -> list[nn.Module]:
     if config.wrap_modules:
         wanted = set(config.wrap_modules)
         return [m for m in reversed(list(module.modules())) if m is not module and type(m).__name__ in wanted]
@@ -70,8 +87,17 @@ def shard_units(module: nn.Module, config: FSDPConfig) -> list[nn.Module]:
     return units
 
 
-def shard_model(module: nn.Module, config: FSDPConfig, mesh: Any, uses_gpu: bool) -> list[nn.Module]:
-    """Activation checkpointing, then ``fully_shard`` on every unit and the root. Returns the units (root last)."""
+def shard_model(
+    module: nn.Module, config: FSDPConfig, mesh: Any, uses_gpu: bool, manual_optimization: bool = False
+) -> list[nn.Module]:
+    """Activation checkpointing, then ``fully_shard`` on every unit and the root. Returns the units (root last).
+
+    Under manual optimization, ``training_step`` runs the backward passes and optimizer steps itself, and FSDP2 does
+    not reduce the gradients of a backward that runs inside one of a unit's forwards: registering ``training_step``
+    as the root's forward (as below for automatic optimization) would leave every parameter of the root unit without
+    a gradient and untrained, silently. The step's direct layer calls are served instead by making every submodule
+    that holds parameters a unit of its own (or part of one), each gathering its parameters around its own forward.
+    """
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
 
     checkpoint_activations(module, config.activation_checkpointing)
@@ -81,12 +107,14 @@ def shard_model(module: nn.Module, config: FSDPConfig, mesh: Any, uses_gpu: bool
         "mp_policy": mixed_precision_policy(config),
         "offload_policy": CPUOffloadPolicy(pin_memory=uses_gpu) if config.cpu_offload else OffloadPolicy(),
     }
-    units = [*shard_units(module, config), module]
+    units = [*shard_units(module, config, manual_optimization), module]
     for unit in units:
         fully_shard(unit, **options)
     # The root unit gathers its own parameters when its forward runs, but a LightningModule's steps often call its
     # layers directly (self.layer(x), not self(x)): its step methods then count as forwards too.
     for name in STEP_METHODS:
+        if name == "training_step" and manual_optimization:
+            continue
         if callable(getattr(module, name, None)):
             register_fsdp_forward_method(module, name)
     return units

@@ -123,7 +123,8 @@ class RayFSDPStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="Mo
         self.accelerator.setup(trainer)
         if not is_sharded(self.model):
             self._check_named_modules(self.model)
-            shard_model(self.model, self.fsdp_config, self.shard_mesh, self.root_device.type == "cuda")
+            manual = not self.lightning_module.automatic_optimization
+            shard_model(self.model, self.fsdp_config, self.shard_mesh, self.root_device.type == "cuda", manual)
         offloaded = self.fsdp_config.cpu_offload  # offloaded shards live in CPU memory
         materialized = materialize(self.model, torch.device("cpu") if offloaded else self.root_device)
         weights = worker_only_weights.kept(self.lightning_module)
@@ -136,6 +137,20 @@ class RayFSDPStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="Mo
         if trainer.state.fn == self.lightning.trainer.states.TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().training_step(*args, **kwargs)
+        except RuntimeError as error:
+            if "mixed torch.Tensor and DTensor" not in str(error) or self.lightning_module.automatic_optimization:
+                raise
+            raise ConfigurationError(
+                "training_step computed with parameters FSDP had not gathered. Under manual optimization the fsdp "
+                "backend gathers a unit's parameters only around that unit's own forward: every submodule that holds "
+                "parameters is (or is inside) a unit, so call layers as modules (self.generator(z)), and call a "
+                "layer inside a wrap_modules unit through that unit. Parameters the LightningModule registers on "
+                "itself are gathered by its own forward only: use them in forward() and call self(...)."
+            ) from error
 
     @property
     def reports_predictions(self) -> bool:

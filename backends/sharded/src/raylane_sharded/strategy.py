@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from raylane.errors import advise_on_unused_parameters
 from raylane.strategy import RayClusterEnvironment, RayStrategyMixin
 from raylane_sharded.engines import ShardingEngine, resolve_engine
 from raylane_sharded.optimizers import has_parameters, share_param_groups
@@ -55,6 +56,12 @@ class RayShardedStrategy(RayStrategyMixin, lightning_base="DDPStrategy"):
     def __getstate__(self) -> dict[str, Any]:
         # A built engine and the configured optimizers belong to the process that made them; a copy rebuilds its own.
         return {**super().__getstate__(), "_engine": None, "_configured_optimizers": []}
+
+    def on_exception(self, exception: BaseException) -> None:
+        super().on_exception(exception)
+        # FairScale's ShardedDataParallel cannot skip parameters; the zero engine's DDP can.
+        remedy = "get_strategy('sharded', workers=..., engine='zero', find_unused_parameters=True)"
+        advise_on_unused_parameters(exception, remedy)
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)

@@ -50,7 +50,13 @@ from raylane.testing.equivalence import (
     weights_of,
 )
 from raylane.testing.faults import KilledOnce, signal_worker
-from raylane.testing.models import ClassifierModel, HeadBuiltInConfigureModel, make_dataset, make_loader
+from raylane.testing.models import (
+    ClassifierModel,
+    HeadBuiltInConfigureModel,
+    ManuallyOptimizedClassifier,
+    make_dataset,
+    make_loader,
+)
 from raylane.testing.processes import env_without_ray_address
 from raylane.testing.ray_data import RowRecordingModel, make_ray_dataset, rows_seen
 from raylane.testing.ray_state import assert_released, ensure_local_ray, release_dropped_trainers_workers
@@ -297,13 +303,19 @@ class ResultsConformance(ConformanceBase):
         )
 
     def _fit_here_and_in_one_process(
-        self, tmp_path: Path, optimizer: str, global_batch: int, report_dir: str | None = None, **flags: Any
+        self,
+        tmp_path: Path,
+        optimizer: str,
+        global_batch: int,
+        report_dir: str | None = None,
+        model_class: type[ClassifierModel] = ClassifierModel,
+        **flags: Any,
     ) -> tuple[pl.Trainer, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """The same initial weights fitted on this backend and in one process with the union batch, as users train:
         a validation loader and Lightning's default sanity check (see testing.equivalence). Returns the backend's
         Trainer and both sets of final weights."""
-        distributed = ClassifierModel(optimizer=optimizer, report_dir=report_dir)
-        single = ClassifierModel(optimizer=optimizer)
+        distributed = model_class(optimizer=optimizer, report_dir=report_dir)
+        single = model_class(optimizer=optimizer)
         single.load_state_dict(distributed.state_dict())
         dataset = make_dataset(samples=128)
         trainer = self.trainer(tmp_path, enable_checkpointing=False, **flags)
@@ -330,6 +342,16 @@ class ResultsConformance(ConformanceBase):
         batches_per_epoch = 128 // (8 * self.workers)
         assert trainer.global_step == 2 * math.ceil(batches_per_epoch / 3), "a step every 3 batches and at epoch end"
         assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, accumulated")
+
+    def test_manual_optimization_gives_the_weights_of_one_process(self, tmp_path: Path) -> None:
+        # training_step runs its own backward and optimizer step, calling its layer directly (a GAN's steps do). The
+        # fsdp backend once registered such a step as its root unit's forward, and FSDP2 reduces no gradient of a
+        # backward inside a forward: every weight stayed where it started, and fit() reported success.
+        torch.manual_seed(19)
+        _, actual, expected = self._fit_here_and_in_one_process(
+            tmp_path, "adam", 16 * self.workers, model_class=ManuallyOptimizedClassifier, max_epochs=2
+        )
+        assert_same_weights(actual, expected, atol=self.weight_tolerance, what=f"{self.backend}, manual optimization")
 
     def test_bf16_mixed_precision_reaches_the_workers_and_trains_as_one_process(self, tmp_path: Path) -> None:
         # Trainer(precision=...) is set on the driver; every rank must compute in it, and its gradients must still be

@@ -11,6 +11,7 @@ takes the same steps as one process with batches of ``global_batch`` drawn throu
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +19,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from raylane.errors import WeightsNotOnDriverWarning
-from raylane.testing.models import HeadBuiltInConfigureModel, ReferenceSampler, make_dataset
+from raylane import get_strategy
+from raylane.errors import WeightsNotOnDriverWarning, WorkerError
+from raylane.testing.models import HeadBuiltInConfigureModel, ReferenceSampler, TwoOptimizerClassifier, make_dataset
 from raylane.testing.trainers import QUIET
 
 VALIDATION_SAMPLES = 32
@@ -91,3 +93,27 @@ def assert_validate_after_fit_sees_the_trained_head(
         f"validate() after fit() gave val_loss {validated['val_loss']}, the fit ended at {after_fit}: did the "
         "workers evaluate a fresh head?"
     )
+
+
+def assert_separate_optimizers_need_then_train_with(
+    backend: str, root: Path, remedy: str, refusing: Mapping[str, Any], accepting: Mapping[str, Any]
+) -> None:
+    """Two optimizers stepped by hand on separate layers (a GAN's loop) leave each backward pass's other layer without
+    a gradient: ``backend`` with the options ``refusing`` must fail saying ``remedy``, the strategy to build instead,
+    and with ``accepting`` (built that way) train to one process's weights. 2 workers, 2 epochs."""
+
+    def trainer(options: Mapping[str, Any]) -> pl.Trainer:
+        strategy = get_strategy(backend, workers=2, idle_timeout=0, **options)  # the next fit needs the CPUs
+        return pl.Trainer(strategy=strategy, max_epochs=2, enable_checkpointing=False, default_root_dir=root, **QUIET)
+
+    dataset = make_dataset(samples=64)
+    with pytest.raises(WorkerError) as refused:
+        fit_distributed(trainer(refusing), TwoOptimizerClassifier(), dataset, global_batch=16)
+    assert f"build the strategy as {remedy}" in str(refused.value), str(refused.value)
+    torch.manual_seed(5)
+    model = TwoOptimizerClassifier()
+    reference = TwoOptimizerClassifier()
+    reference.load_state_dict(model.state_dict())
+    actual = fit_distributed(trainer(accepting), model, dataset, global_batch=16)
+    expected = fit_one_process(reference, dataset, global_batch=16, max_epochs=2)
+    assert_same_weights(actual, expected, atol=1e-6, what=f"two optimizers with {remedy}")

@@ -158,6 +158,57 @@ class HeadBuiltInConfigureModel(ClassifierModel):
         return self.head(super().forward(inputs))  # type: ignore[no-any-return]
 
 
+class ManuallyOptimizedClassifier(ClassifierModel):
+    """:class:`ClassifierModel` stepped by hand (``automatic_optimization = False``, Lightning's way for GANs and
+    other custom loops), its ``training_step`` calling the layer directly rather than through ``self(...)``, as such
+    steps usually do (``self.generator(z)``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        inputs, targets = batch
+        optimizer = self.optimizers()
+        optimizer.zero_grad()  # type: ignore[union-attr]
+        loss = nn.functional.cross_entropy(self.layer(self.dropout(inputs)), targets)
+        self.manual_backward(loss)
+        optimizer.step()  # type: ignore[union-attr]
+        self.log("train_loss", loss)
+        return loss
+
+
+class TwoOptimizerClassifier(ClassifierModel):
+    """Two heads, each with its own optimizer and LR schedule, stepped by hand (Lightning's multi-optimizer way, a
+    GAN's loop): ``training_step`` calls each head directly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.other = nn.Linear(8, 3)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        inputs, targets = batch
+        sgd, adam = self.optimizers()  # type: ignore[misc]
+        for optimizer, head in ((sgd, self.layer), (adam, self.other)):
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(head(inputs), targets))
+            optimizer.step()
+
+    def on_train_epoch_end(self) -> None:
+        for scheduler in self.lr_schedulers():  # type: ignore[union-attr]
+            scheduler.step()
+
+    def configure_optimizers(self) -> Any:
+        sgd = torch.optim.SGD(self.layer.parameters(), lr=0.1, momentum=0.9)
+        adam = torch.optim.Adam(self.other.parameters(), lr=0.01)
+        schedules = [
+            torch.optim.lr_scheduler.StepLR(sgd, 1, gamma=0.5),
+            torch.optim.lr_scheduler.ExponentialLR(adam, 0.7),
+        ]
+        return [sgd, adam], schedules
+
+
 def weight_fingerprint(weights: torch.Tensor) -> float:
     """A number that tells two sets of weights apart, where training changes them: their sum of squares. Not their sum:
     the gradient of a softmax layer's weights sums to zero over the classes, so plain SGD keeps that sum as it was."""
