@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.tuner import Tuner
 
 from raylane import SerializationError, WeightsNotOnDriverWarning, get_strategy
 from raylane.testing import (
@@ -30,6 +31,7 @@ from raylane.testing import (
     make_loader,
     quiet_trainer,
 )
+from raylane.testing.equivalence import distributed_loader, validation_loader
 
 
 @pytest.mark.timeout(240)
@@ -205,6 +207,30 @@ def test_an_early_stop_leaves_the_drivers_trainer_as_one_process_leaves_its_own(
         stop_one.stopped_epoch,
         stop_one.wait_count,
     )
+
+
+@pytest.mark.timeout(180)
+def test_a_learning_rate_search_answers_on_the_driver_and_sets_the_rate_it_suggests(tmp_path: Path) -> None:
+    # Tuner(trainer).lr_find runs its search inside a fit, on the workers. Its answer and the rate it sets on the
+    # model used to stay there: lr_find returned None and the model kept its old rate. (Lightning's ddp_spawn
+    # crashes.) The search's losses are rank 0's, so its suggestion is not one process's: only how it lands is.
+    ensure_local_ray()
+    torch.manual_seed(3)
+    model = ClassifierModel(optimizer="adam")
+    initial = {name: value.clone() for name, value in model.state_dict().items()}
+    strategy = get_strategy("ddp", workers=2, idle_timeout=30)
+    trainer = quiet_trainer(strategy=strategy, max_epochs=1, default_root_dir=str(tmp_path))
+    try:
+        train = distributed_loader(make_dataset(samples=512), 32, workers=2)
+        found = Tuner(trainer).lr_find(model, train, validation_loader(), num_training=20)
+        assert found is not None, "Tuner.lr_find's answer reaches the driver"
+        assert found.suggestion() is not None and len(found.results["lr"]) == len(found.results["loss"]) > 1
+        assert model.hparams.lr == found.suggestion() != 0.1, "the suggested rate is set on the model"
+        assert_same_weights(model.state_dict(), initial, atol=0, what="the search leaves the weights as they were")
+        trainer.fit(model, train, validation_loader())  # the search leaves the Trainer able to fit
+        assert trainer.current_epoch == 1
+    finally:
+        strategy.release_workers()
 
 
 @pytest.mark.timeout(180)

@@ -11,6 +11,7 @@ import importlib
 import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -162,3 +163,43 @@ def test_configure_model_runs_inside_the_strategys_model_sharded_context_before_
     trainer = lightning.Trainer(strategy=Recording(device=torch.device("cpu")), max_steps=1, **flags)
     trainer.fit(BuildsInConfigureModel())
     assert events == ["enter", "configure_model", "exit", "setup"], events
+
+
+def test_a_learning_rate_search_ends_the_fit_with_the_tuner_exit_and_is_read_and_adopted(
+    lightning: ModuleType, tmp_path: Path
+) -> None:
+    """Tuner(trainer).lr_find's fit ends, on a worker, with the exception ``tuner_exit`` names; raylane finishes the
+    run as Lightning's entry point does, reads what the search found and sets, and gives both to the driver."""
+
+    class Searched(lightning.LightningModule):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            super().__init__()
+            self.lr = 0.1
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return self.layer(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+    finder = lightning.callbacks.LearningRateFinder(num_training_steps=20)
+    finder._early_exit = True  # what Tuner.lr_find sets: the fit ends once the search is done
+    flags = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = lightning.Trainer(
+        accelerator="cpu", devices=1, max_epochs=1, callbacks=[finder], default_root_dir=str(tmp_path), **flags
+    )
+    torch.manual_seed(0)  # a search whose losses give a suggestion
+    model = Searched()
+    trainer.state.fn = lightning.trainer.states.TrainerFn.FITTING  # as fit() sets it before the launcher runs
+    trainer.training = True
+    with pytest.raises(_lightning.tuner_exit(trainer)):
+        trainer._fit_impl(model, DataLoader(TensorDataset(torch.randn(64, 2)), batch_size=2))  # what a worker runs
+    _lightning.finish_after_tuner_exit(trainer)
+    assert trainer.state.status == lightning.trainer.states.TrainerStatus.FINISHED
+    [(found, attribute, value)] = _lightning.learning_rate_searches(trainer)
+    assert found is finder.optimal_lr and found.suggestion() is not None
+    assert (attribute, value) == ("lr", model.lr) and model.lr == found.suggestion()
+    finder.optimal_lr, model.lr = None, 0.1  # the driver's callback and model, before the worker's answer
+    _lightning.adopt_learning_rate_searches(trainer, [(found, attribute, value)])
+    assert finder.optimal_lr is found and model.lr == found.suggestion()

@@ -166,6 +166,17 @@ def test_an_accumulation_schedule_is_rejected_before_any_actor_starts(tmp_path: 
     assert_released()
 
 
+def test_a_learning_rate_search_is_refused_before_any_actor_starts_saying_what_to_use(tmp_path: Path) -> None:
+    from pytorch_lightning.tuner import Tuner
+
+    trainer = ray_trainer(tmp_path, {})
+    with pytest.raises(
+        ConfigurationError, match=r"cannot search on the deepspeed backend: .* Search with the ddp backend"
+    ):
+        Tuner(trainer).lr_find(ClassifierModel(), distributed_loader(make_dataset(), GLOBAL_BATCH, WORKERS))
+    assert_released()
+
+
 def test_fp16_on_cpus_without_fp16_kernels_says_what_to_train_with(tmp_path: Path) -> None:
     from deepspeed.accelerator import get_accelerator
 

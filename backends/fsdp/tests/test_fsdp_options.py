@@ -143,6 +143,16 @@ def test_units_by_parameter_count_are_chosen_bottom_up_without_double_wrapping()
     assert shard_units(model, parse_options({}, 2, False)) == [], "small models: the root is the only unit"
 
 
+def test_under_manual_optimization_every_module_holding_parameters_is_in_a_unit_inner_first() -> None:
+    # training_step calls layers directly and runs its own backward: no parameter may stay with the root unit, whose
+    # gathering only the root's forward would trigger. Units chosen by size stay as they are.
+    model = BlockClassifier()
+    units = shard_units(model, parse_options({"min_wrap_params": 100}, 2, False), manual_optimization=True)
+    assert units == [model.layer[2], model.layer[1], model.layer[0]], "the two Blocks and the head the root held"
+    units = shard_units(model, parse_options({}, 2, False), manual_optimization=True)
+    assert units == [m for m in reversed(list(model.modules())) if isinstance(m, nn.Linear)]
+
+
 def test_units_by_class_name_take_every_module_of_the_class_inner_first() -> None:
     model = BlockClassifier()
     units = shard_units(model, parse_options({"wrap_modules": [Block, "Linear"]}, 2, False))
@@ -196,3 +206,20 @@ def test_named_units_hybrid_sharding_and_bf16_train_close_to_one_process(tmp_pat
         assert model.state_dict()[name].dtype == torch.float32, "the sharded parameters stay float32"
         torch.testing.assert_close(model.state_dict()[name], value, atol=2e-2, rtol=0)
     assert Path(trainer.checkpoint_callback.best_model_path).is_dir()
+
+
+# -- Tuner.lr_find ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state_dict_type", ["sharded", "full"])
+def test_a_learning_rate_search_is_refused_before_any_worker_starts(state_dict_type: str, tmp_path: Path) -> None:
+    # The search restores its checkpoint with Lightning's ModelParallelStrategy, which fails on the workers with
+    # either kind of checkpoint (KeyError, IndexError) once the search has changed the optimizer.
+    from pytorch_lightning.tuner import Tuner
+
+    ensure_local_ray()
+    strategy = get_strategy("fsdp", workers=2, idle_timeout=0, state_dict_type=state_dict_type)
+    trainer = pl.Trainer(strategy=strategy, max_epochs=1, default_root_dir=str(tmp_path), **QUIET)
+    with pytest.raises(ConfigurationError, match=r"cannot search on the fsdp backend: .* Search with the ddp backend"):
+        Tuner(trainer).lr_find(ClassifierModel(), make_loader(4, samples=256), num_training=10)
+    assert_released()

@@ -235,6 +235,51 @@ def ckpt_path_of(function: Callable[..., Any], args: tuple[Any, ...], kwargs: di
     return bound.arguments.get("ckpt_path")
 
 
+def tuner_exit(trainer: pl.Trainer) -> type[BaseException]:
+    """The exception that ends a fit the Tuner ran only to search a learning rate (``Tuner(trainer).lr_find``)."""
+    return importlib.import_module(f"{namespace_of(trainer).__name__}.utilities.exceptions")._TunerExitException  # type: ignore[no-any-return]
+
+
+def finish_after_tuner_exit(trainer: pl.Trainer) -> None:
+    """What Lightning's entry point does when the Tuner ends a fit: tear the run down, and mark it finished."""
+    lightning = namespace_of(trainer)
+    importlib.import_module(f"{lightning.__name__}.trainer.call")._call_teardown_hook(trainer)
+    trainer._teardown()
+    trainer.state.status = lightning.trainer.states.TrainerStatus.FINISHED
+    trainer.state.stage = None
+
+
+def learning_rate_searches(trainer: pl.Trainer) -> list[tuple[Any, str | None, Any]]:
+    """Each ``LearningRateFinder`` callback's search: what it found (``optimal_lr``), and the LightningModule
+    attribute it set to the suggestion (``lr``, ``learning_rate``, ``hparams.lr``...) with its value, or None."""
+    lightning = namespace_of(trainer)
+    finder = lightning.callbacks.LearningRateFinder
+    parsing = importlib.import_module(f"{lightning.__name__}.utilities.parsing")
+    lr_finder = importlib.import_module(f"{lightning.__name__}.tuner.lr_finder")
+    searches = []
+    for callback in trainer.callbacks:  # type: ignore[attr-defined]
+        if not isinstance(callback, finder):
+            continue
+        attribute = None
+        if callback._update_attr and callback.optimal_lr is not None:
+            attribute = lr_finder._determine_lr_attr_name(trainer.lightning_module, callback._attr_name)
+        value = parsing.lightning_getattr(trainer.lightning_module, attribute) if attribute else None
+        searches.append((callback.optimal_lr, attribute, value))
+    return searches
+
+
+def adopt_learning_rate_searches(trainer: pl.Trainer, searches: list[tuple[Any, str | None, Any]]) -> None:
+    """Give this process's ``LearningRateFinder`` callbacks, and its LightningModule, what rank 0's searches found
+    (:func:`learning_rate_searches`), as if they had run here."""
+    lightning = namespace_of(trainer)
+    parsing = importlib.import_module(f"{lightning.__name__}.utilities.parsing")
+    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, lightning.callbacks.LearningRateFinder)]  # type: ignore[attr-defined]
+    for callback, (found, attribute, value) in zip(callbacks, searches):
+        callback.optimal_lr = found
+        if attribute is not None:
+            parsing.lightning_setattr(trainer.lightning_module, attribute, value)
+
+
 def predict_batch_indices(trainer: pl.Trainer) -> list[list[list[int]]]:
     """Dataset indices of every batch this process predicted, per dataloader.
 

@@ -77,6 +77,7 @@ class RayLauncher:
             raise ConfigurationError("raylane runs Trainer entry points only; call trainer.fit/validate/test/predict.")
         options = self._strategy.launch_options
         check_trainer_flags(trainer, options.workers)
+        check_learning_rate_search(trainer, self._strategy)
         self._strategy.check_before_launch(trainer)
         streams_ray_data = shards.check_entry_point_data(args, kwargs)  # a bare ray.data.Dataset fails here
         ensure_ray(options.workers * options.cpus_per_worker)
@@ -465,6 +466,18 @@ def check_trainer_flags(trainer: pl.Trainer, workers: int) -> None:
         raise ConfigurationError(
             f"Trainer(devices={trainer.num_devices}) contradicts get_strategy(workers={workers}). "
             "With raylane, workers= sets the number of processes; remove devices= from the Trainer."
+        )
+
+
+def check_learning_rate_search(trainer: pl.Trainer, strategy: RayStrategyMixin) -> None:
+    """Refuse a learning-rate search on a backend that cannot run one, saying why and what to do instead."""
+    refusal = strategy.learning_rate_search_refusal
+    finder = _lightning.namespace_of(trainer).callbacks.LearningRateFinder
+    if refusal is not None and any(isinstance(callback, finder) for callback in trainer.callbacks):
+        raise ConfigurationError(
+            f"Tuner.lr_find (Lightning's LearningRateFinder) cannot search on the {strategy.backend_name} backend: "
+            f"{refusal} Search with the ddp backend, on the model or a smaller one of its kind, or set the learning "
+            "rate yourself."
         )
 
 

@@ -47,6 +47,7 @@ class RankZeroOutput:
     files: dict[str, bytes]  # checkpoints and logs, when the driver runs on another node
     extras: dict[str, Any] = field(default_factory=dict)
     should_stop: bool = False  # a callback (EarlyStopping) ended the fit early
+    learning_rate_searches: list[Any] = field(default_factory=list)  # LearningRateFinder callbacks (Tuner.lr_find)
 
 
 @dataclass
@@ -86,6 +87,7 @@ def collect_output(trainer: pl.Trainer, results: Any, context: WorkerContext, ho
         files=_files_the_driver_cannot_see(trainer, context),
         extras=host.collect_results(trainer, context),
         should_stop=trainer.should_stop,
+        learning_rate_searches=_lightning.learning_rate_searches(trainer) if fn == _lightning.FITTING else [],
     )
     return output
 
@@ -119,6 +121,7 @@ def apply_output(trainer: pl.Trainer, output: RankZeroOutput, host: BackendHost)
             # The directory is resolved inside the worker; adopt it so the full state (best scores) loads.
             callback.dirpath = state.get("dirpath", callback.dirpath)
         callback.load_state_dict(state)
+    _lightning.adopt_learning_rate_searches(trainer, output.learning_rate_searches)
     host.apply_results(trainer, output.extras)
 
 

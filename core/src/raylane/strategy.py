@@ -127,6 +127,9 @@ class RayStrategyMixin(_lightning.LauncherSlot):
     lightning: ClassVar[ModuleType | None] = None
     """The Lightning namespace module this class is built for; ``None`` on the namespace-free class a backend writes."""
     lightning_base: ClassVar[LightningBase | None] = None
+    learning_rate_search_refusal: ClassVar[str | None] = None
+    """Why the backend cannot run ``Tuner(trainer).lr_find`` (Lightning's ``LearningRateFinder``), which the driver
+    then refuses before any worker starts; None when it can."""
     launch_options: LaunchOptions
     backend_options: dict[str, Any]
     cluster_environment: Any

@@ -11,7 +11,7 @@ from typing import Any
 
 import ray
 
-from raylane import console, elastic, relay, storage, torch_distributed
+from raylane import _lightning, console, elastic, relay, storage, torch_distributed
 from raylane.context import WorkerContext
 from raylane.imported_code import ImportedCode
 from raylane.payload import LaunchPayload
@@ -146,7 +146,7 @@ class Worker:
             payload.trainer.strategy.adopt_worker_context(context)  # type: ignore[attr-defined]
             elastic.prepare_worker(payload.trainer, context)
             with console.worker_console(context.global_rank):
-                results = payload.function(*payload.args, **payload.kwargs)
+                results = _run_entry_point(payload)
             output = collect_output(payload.trainer, results, context, host)
             output.marks = {**marks, "output_collected": time.time()}
             return output
@@ -154,3 +154,13 @@ class Worker:
             relay.activate(None)
             host.teardown_process_group(context)
             self._code.record()  # what the entry point imported on the way
+
+
+def _run_entry_point(payload: LaunchPayload) -> Any:
+    try:
+        return payload.function(*payload.args, **payload.kwargs)
+    except _lightning.tuner_exit(payload.trainer):
+        # Tuner(trainer).lr_find ends its fit on purpose once the search is done: finish as Lightning's own entry
+        # point does, so that what the search found goes back to the driver with the rest.
+        _lightning.finish_after_tuner_exit(payload.trainer)
+        return None

@@ -75,6 +75,11 @@ class RayDeepSpeedStrategy(
 
     backend_name: ClassVar[str] = "deepspeed"
     strategy_name = "ray_deepspeed"
+    learning_rate_search_refusal: ClassVar[str | None] = (
+        "the search schedules the learning rate with a torch scheduler, which refuses DeepSpeed's optimizer "
+        "('DeepSpeedZeroOptimizer is not an Optimizer'; Lightning's DeepSpeedStrategy fails the same way, inside "
+        "every worker)."
+    )
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
         ds_options = self.init_ray_options({"workers": workers, **options})

@@ -39,6 +39,11 @@ class RayFSDPStrategy(StagedURLCheckpoints, RayStrategyMixin, lightning_base="Mo
 
     backend_name: ClassVar[str] = "fsdp"
     strategy_name = "ray_fsdp"
+    learning_rate_search_refusal: ClassVar[str | None] = (
+        "the search saves the model and optimizer and restores them afterwards, and Lightning's ModelParallelStrategy "
+        "cannot load them back into the optimizer the search changed (a sharded checkpoint: 'Missing key in "
+        "checkpoint state_dict: optimizer_0.param_groups.0.initial_lr'; a full one: IndexError)."
+    )
 
     def __init__(self, workers: int = 2, **options: Any) -> None:
         fsdp_options = self.init_ray_options({"workers": workers, **options})
