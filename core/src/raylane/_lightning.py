@@ -249,21 +249,25 @@ def finish_after_tuner_exit(trainer: pl.Trainer) -> None:
     trainer.state.stage = None
 
 
+def learning_rate_finders(trainer: pl.Trainer) -> list[Any]:
+    """The Trainer's ``LearningRateFinder`` callbacks: what ``Tuner(trainer).lr_find`` adds for its search."""
+    finder = namespace_of(trainer).callbacks.LearningRateFinder
+    return [callback for callback in trainer.callbacks if isinstance(callback, finder)]  # type: ignore[attr-defined]
+
+
 def learning_rate_searches(trainer: pl.Trainer) -> list[tuple[Any, str | None, Any]]:
     """Each ``LearningRateFinder`` callback's search: what it found (``optimal_lr``), and the LightningModule
     attribute it set to the suggestion (``lr``, ``learning_rate``, ``hparams.lr``...) with its value, or None."""
-    lightning = namespace_of(trainer)
-    finder = lightning.callbacks.LearningRateFinder
-    parsing = importlib.import_module(f"{lightning.__name__}.utilities.parsing")
-    lr_finder = importlib.import_module(f"{lightning.__name__}.tuner.lr_finder")
     searches = []
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if not isinstance(callback, finder):
-            continue
-        attribute = None
+    for callback in learning_rate_finders(trainer):
+        attribute = value = None
         if callback._update_attr and callback.optimal_lr is not None:
+            lightning = namespace_of(trainer).__name__
+            lr_finder = importlib.import_module(f"{lightning}.tuner.lr_finder")
             attribute = lr_finder._determine_lr_attr_name(trainer.lightning_module, callback._attr_name)
-        value = parsing.lightning_getattr(trainer.lightning_module, attribute) if attribute else None
+            value = importlib.import_module(f"{lightning}.utilities.parsing").lightning_getattr(
+                trainer.lightning_module, attribute
+            )
         searches.append((callback.optimal_lr, attribute, value))
     return searches
 
@@ -271,12 +275,10 @@ def learning_rate_searches(trainer: pl.Trainer) -> list[tuple[Any, str | None, A
 def adopt_learning_rate_searches(trainer: pl.Trainer, searches: list[tuple[Any, str | None, Any]]) -> None:
     """Give this process's ``LearningRateFinder`` callbacks, and its LightningModule, what rank 0's searches found
     (:func:`learning_rate_searches`), as if they had run here."""
-    lightning = namespace_of(trainer)
-    parsing = importlib.import_module(f"{lightning.__name__}.utilities.parsing")
-    callbacks = [cb for cb in trainer.callbacks if isinstance(cb, lightning.callbacks.LearningRateFinder)]  # type: ignore[attr-defined]
-    for callback, (found, attribute, value) in zip(callbacks, searches):
+    for callback, (found, attribute, value) in zip(learning_rate_finders(trainer), searches):
         callback.optimal_lr = found
         if attribute is not None:
+            parsing = importlib.import_module(f"{namespace_of(trainer).__name__}.utilities.parsing")
             parsing.lightning_setattr(trainer.lightning_module, attribute, value)
 
 

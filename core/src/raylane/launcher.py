@@ -472,8 +472,7 @@ def check_trainer_flags(trainer: pl.Trainer, workers: int) -> None:
 def check_learning_rate_search(trainer: pl.Trainer, strategy: RayStrategyMixin) -> None:
     """Refuse a learning-rate search on a backend that cannot run one, saying why and what to do instead."""
     refusal = strategy.learning_rate_search_refusal
-    finder = _lightning.namespace_of(trainer).callbacks.LearningRateFinder
-    if refusal is not None and any(isinstance(callback, finder) for callback in trainer.callbacks):
+    if refusal is not None and _lightning.learning_rate_finders(trainer):
         raise ConfigurationError(
             f"Tuner.lr_find (Lightning's LearningRateFinder) cannot search on the {strategy.backend_name} backend: "
             f"{refusal} Search with the ddp backend, on the model or a smaller one of its kind, or set the learning "

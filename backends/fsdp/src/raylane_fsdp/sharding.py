@@ -62,7 +62,7 @@ def shard_units(module: nn.Module, config: FSDPConfig, manual_optimization: bool
         for submodule in module.modules()
         if submodule is not module
         and id(submodule) not in inside_units
-        and any(True for _ in submodule.parameters(recurse=False))
+        and next(submodule.parameters(recurse=False), None) is not None
     }
     wanted = owners | {id(unit) for unit in units}
     return [submodule for submodule in reversed(list(module.modules())) if id(submodule) in wanted]  # inner first
